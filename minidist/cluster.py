@@ -1,0 +1,260 @@
+"""LocalCluster: a center and N workers as real processes on this machine.
+
+The processes are started with the same command lines a user would type
+(``python -m minidist.center`` / ``python -m minidist.worker``), all at
+once: the center's port is picked here so the workers need not wait for
+it to print its address.  Each child watches its stdin, a pipe from this
+process, and exits if it closes, so nothing outlives an interpreter that
+dies.  ``close()`` sends SIGTERM (workers first), waits, then SIGKILLs
+stragglers; it runs at interpreter exit for clusters left open.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import secrets
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from typing import Any
+
+from . import wire
+from .executor import local_cluster_security
+from .wire import Security
+
+logger = logging.getLogger("minidist.cluster")
+
+_clusters: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
+
+
+class Process:
+    """One child process of a LocalCluster: its Popen, role and advertised address."""
+
+    def __init__(self, popen: subprocess.Popen, role: str) -> None:
+        self.popen = popen
+        self.role = role
+        self.address = ""
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def __repr__(self) -> str:
+        return f"<{self.role} pid={self.pid} {self.address}>"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """A center and ``n_workers`` workers as local processes; ``with`` closes them.
+
+    By default the cluster makes a random auth key for itself; Executors
+    created in this process with its ``address`` (or the cluster itself)
+    use it automatically.  Pass ``auth_key=False`` for no authentication.
+    """
+
+    def __init__(self, n_workers: int = 2, threads_per_worker: int = 1, *,
+                 host: str = "127.0.0.1", auth_key: bytes | str | bool | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, heartbeat_timeout: float | None = None,
+                 allowed_failures: int | None = None, log_level: str = "warning",
+                 timeout: float = 30.0) -> None:
+        if auth_key is None:
+            auth_key = secrets.token_hex(32)
+        self.security = Security(auth_key or None, tls_ca=tls_ca, tls_cert=tls_cert,
+                                 tls_key=tls_key)
+        self.auth_key = self.security.auth_key
+        self.host = host
+        self.threads_per_worker = threads_per_worker
+        self.log_level = log_level
+        self.timeout = timeout
+        self.center: Process | None = None
+        self.workers: list[Process] = []
+        self._closed = False
+        self._lock = threading.Lock()
+        env = dict(os.environ)
+        env.pop("MINIDIST_AUTH_KEY", None)
+        if self.auth_key:
+            env["MINIDIST_AUTH_KEY"] = self.auth_key.decode()
+        self._env = env
+        port = _free_port(host)
+        self.address = wire.format_address(host, port)
+        center_args = ["--port", str(port)]
+        if heartbeat_timeout is not None:
+            center_args += ["--heartbeat-timeout", str(heartbeat_timeout)]
+        if allowed_failures is not None:
+            center_args += ["--allowed-failures", str(allowed_failures)]
+        _clusters.add(self)
+        try:
+            self.center = self._spawn("center", center_args)
+            pending = [self._spawn_worker(threads_per_worker) for _ in range(n_workers)]
+            self._wait_ready([self.center, *pending])
+            self.workers.extend(pending)
+        except BaseException:
+            self.close()
+            raise
+        local_cluster_security[self.address] = self.security
+
+    # ------------------------------------------------------------------ processes
+
+    def _spawn(self, role: str, args: list[str]) -> Process:
+        cmd = [sys.executable, "-m", f"minidist.{role}", *args, "--host", self.host,
+               "--log-level", self.log_level, "--exit-on-stdin-close",
+               *self.security.cli_args()]
+        popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 env=self._env, start_new_session=True)
+        return Process(popen, role)
+
+    def _spawn_worker(self, nthreads: int | None, name: str | None = None) -> Process:
+        args = [self.address, "--nthreads", str(nthreads or self.threads_per_worker)]
+        if name:
+            args += ["--name", name]
+        return self._spawn("worker", args)
+
+    def _wait_ready(self, procs: list[Process]) -> None:
+        """Read each child's ready lines until it has printed its address."""
+        deadline = time.monotonic() + self.timeout
+        waiting = {p.popen.stdout.fileno(): p for p in procs}
+        buffers = {fd: b"" for fd in waiting}
+        with selectors.DefaultSelector() as sel:
+            for fd in waiting:
+                sel.register(fd, selectors.EVENT_READ)
+            while waiting:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"cluster processes not ready within {self.timeout}s: "
+                                       f"{list(waiting.values())}")
+                for key, _ in sel.select(min(remaining, 0.5)):
+                    fd = key.fd
+                    chunk = os.read(fd, 4096)
+                    proc = waiting[fd]
+                    if not chunk:
+                        raise RuntimeError(f"{proc.role} exited with code {proc.popen.wait()} "
+                                           "before it was ready")
+                    buffers[fd] += chunk
+                    if self._parse_ready(proc, buffers[fd]):
+                        sel.unregister(fd)
+                        del waiting[fd]
+                for fd, proc in list(waiting.items()):
+                    if not proc.alive():
+                        raise RuntimeError(f"{proc.role} exited with code "
+                                           f"{proc.popen.returncode} before it was ready")
+
+    @staticmethod
+    def _parse_ready(proc: Process, text: bytes) -> bool:
+        for line in text.decode(errors="replace").splitlines():
+            if line.startswith("Start center at "):
+                proc.address = line.split()[-1]
+                return True
+            if line.startswith("Start worker at:"):
+                proc.address = line.split()[-1]
+            if line.startswith("Registered with center at:"):
+                return True
+        return False
+
+    def start_worker(self, nthreads: int | None = None, name: str | None = None) -> Process:
+        """Start one more worker and wait until it has registered."""
+        proc = self._spawn_worker(nthreads, name)
+        try:
+            self._wait_ready([proc])
+        except BaseException:
+            self._terminate([proc])
+            raise
+        with self._lock:
+            self.workers.append(proc)
+        return proc
+
+    def stop_worker(self, worker: Process | str, sig: int = signal.SIGTERM,
+                    timeout: float = 10.0) -> None:
+        """Stop one worker (by Process or address) with ``sig`` and reap it."""
+        with self._lock:
+            proc = worker if isinstance(worker, Process) else \
+                next(p for p in self.workers if p.address == worker)
+            if proc in self.workers:
+                self.workers.remove(proc)
+        if proc.alive():
+            os.kill(proc.pid, sig)
+        try:
+            proc.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait()
+        self._close_pipes(proc)
+
+    @property
+    def pids(self) -> list[int]:
+        """PIDs of every process this cluster started that may still run."""
+        procs = ([self.center] if self.center else []) + self.workers
+        return [p.pid for p in procs]
+
+    # ------------------------------------------------------------------ shutdown
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every worker, then the center; nothing is left running afterwards."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            workers, self.workers = self.workers, []
+        local_cluster_security.pop(self.address, None)
+        self._terminate(workers, timeout)
+        if self.center is not None:
+            self._terminate([self.center], timeout)
+        _clusters.discard(self)
+
+    def _terminate(self, procs: list[Process], timeout: float = 5.0) -> None:
+        for proc in procs:
+            if proc.alive():
+                try:
+                    proc.popen.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                proc.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0fs; killing it", proc, timeout)
+                proc.popen.kill()
+                proc.popen.wait()
+            self._close_pipes(proc)
+
+    @staticmethod
+    def _close_pipes(proc: Process) -> None:
+        for pipe in (proc.popen.stdin, proc.popen.stdout):
+            try:
+                if pipe:
+                    pipe.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<LocalCluster {self.address} workers={len(self.workers)}>"
+
+
+def _close_all() -> None:
+    for cluster in list(_clusters):
+        cluster.close()
+
+
+atexit.register(_close_all)

@@ -1,0 +1,747 @@
+"""What users hold: ``Future``, ``Executor`` (PEP 3148) and ``Client`` (dask-style).
+
+The following diagram shows the data flow from a user's call to a result::
+
+  user thread                  this process                                  cluster
+  submit(f, x) --pack--> _KeyInfo table --update_graph--> BatchedSender -----> center
+                          (refcounts,                                          |
+                           futures)  <--memory / erred / lost-- stream reader <-+
+  result()  <--------------------------- get_data (direct) <------------------ worker
+
+``submit()`` called:
+
+- packs ``f`` and its arguments into a RunSpec (the pickled function is
+  cached, so a ``map`` pickles it once) and names it ``<funcname>-<token>``,
+  where the token hashes the function and the pickled arguments, so the
+  same pure call has the same key on any machine with the same code;
+- finds or creates the ``_KeyInfo`` of that key (a key this session already
+  wants is not sent again: the center deduplicates the rest), creates a
+  ``Future`` (a real ``concurrent.futures.Future``) and counts the reference;
+- queues ``update_graph`` on the ``BatchedSender``, which sends everything
+  queued since its last write as one frame.
+
+The stream reader thread turns the center's events into future states: a
+``memory`` event finishes every Future of the key without fetching
+anything; ``result()`` fetches the value from a worker that holds it (and,
+if that worker is gone, asks the center where the key is now).  When the
+last Future of a key is garbage-collected, its key is released at the
+center, which deletes the data once no task needs it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import concurrent.futures
+import hashlib
+import itertools
+import logging
+import random
+import threading
+import time
+import uuid
+import weakref
+from concurrent.futures import CancelledError
+from concurrent.futures._base import FINISHED, PENDING, RUNNING
+from typing import Any, Callable, Iterable, Iterator
+
+from . import wire
+from .task import HasKey, LostKeyError, RunSpec, pack, unpack_exception
+from .wire import BatchedSender, ConnectionPool, Security
+
+logger = logging.getLogger("minidist.executor")
+
+_UNFETCHED = object()
+_sessions: "weakref.WeakSet[Executor]" = weakref.WeakSet()
+local_cluster_security: dict[str, Security] = {}
+"""Security of the LocalClusters this process started, by address (their keys are random)."""
+
+
+class _KeyInfo:
+    """What this session knows of one key, shared by all its Futures."""
+
+    __slots__ = ("key", "status", "who_has", "exception", "tb", "refs", "futures",
+                 "generation")
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+        self.status = "pending"
+        self.who_has: list[str] = []
+        self.exception: BaseException | None = None
+        self.tb: str | None = None
+        self.refs = 0
+        self.futures: list[weakref.ref] = []
+        self.generation = 0  # bumps on every event, so fetchers can wait for news
+
+    def live_futures(self) -> list[Future]:
+        alive = [f for f in (r() for r in self.futures) if f is not None]
+        if len(alive) < len(self.futures):
+            self.futures = [weakref.ref(f) for f in alive]
+        return alive
+
+
+class Future(HasKey, concurrent.futures.Future):
+    """A remote result: a ``concurrent.futures.Future`` that names a key on the cluster.
+
+    ``done()`` becomes true when the value exists on a worker; ``result()``
+    fetches it from there (once, then caches it).  ``status`` is one of
+    ``pending``, ``finished``, ``error``, ``cancelled`` or ``lost``.
+    """
+
+    def __init__(self, key: Any, session: Executor, info: _KeyInfo) -> None:
+        super().__init__()
+        self.key = key
+        self._session = session
+        self._info = info
+        self._released = False
+
+    @property
+    def status(self) -> str:
+        """``pending``, ``finished``, ``error``, ``cancelled`` or ``lost``."""
+        if self._state == concurrent.futures._base.CANCELLED_AND_NOTIFIED or \
+                self._state == concurrent.futures._base.CANCELLED:
+            return "cancelled"
+        return self._info.status
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the key, fetch its value from a worker, return it (or raise its error)."""
+        value = super().result(timeout)
+        info = self._info
+        if info.status == "error":
+            raise info.exception
+        if info.status == "lost":
+            raise info.exception or LostKeyError(f"key {self.key!r} was lost")
+        if info.status == "cancelled":
+            raise CancelledError()
+        if value is _UNFETCHED:
+            value = self._session._fetch([self.key], timeout)[self.key]
+            self._result = value
+        return value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The task's exception (with the remote traceback as ``__cause__``), or None."""
+        exc = super().exception(timeout)
+        if exc is None and self._info.status in ("error", "lost"):
+            return self._info.exception
+        return exc
+
+    def traceback(self) -> str | None:
+        """The traceback text from the worker where the task failed, if it failed."""
+        return self._info.tb
+
+    def cancel(self) -> bool:
+        """Cancel if not finished: the center stops the task unless someone else wants it."""
+        if not super().cancel():
+            return False
+        self.set_running_or_notify_cancel()
+        self._session._drop_ref(self)
+        return True
+
+    def _finish(self) -> None:
+        try:
+            if self._state in (PENDING, RUNNING):
+                self.set_result(_UNFETCHED)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+    def _fail(self, exc: BaseException) -> None:
+        try:
+            if self._state in (PENDING, RUNNING):
+                self.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+    def __del__(self) -> None:
+        if not self._released:
+            try:
+                self._session._deferred.append(self._info)
+            except Exception:
+                pass
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Future cannot be pickled; pass it as an argument to submit/map "
+                        "(also inside lists, tuples and dicts) and it becomes its value")
+
+    def __repr__(self) -> str:
+        return f"<Future: status: {self.status}, key: {self.key}>"
+
+    __str__ = __repr__
+
+
+def funcname(func: Callable) -> str:
+    """A readable name for keys: ``inc``, ``lambda``, the wrapped name of a partial."""
+    while hasattr(func, "func"):  # functools.partial and friends
+        func = func.func
+    name = getattr(func, "__name__", None) or type(func).__name__
+    return "lambda" if name == "<lambda>" else name
+
+
+def _token(spec: RunSpec) -> str:
+    h = hashlib.blake2b(spec.func.header, digest_size=16)
+    h.update(spec.args.header)
+    for buf in spec.args.buffers:
+        h.update(buf)
+    return h.hexdigest()
+
+
+def _run_chunk(func: Callable, chunk: list) -> list:
+    return [func(*args) for args in chunk]
+
+
+class Executor(concurrent.futures.Executor):
+    """A ``concurrent.futures.Executor`` whose tasks run on a minidist cluster.
+
+    ``Executor("host:port")`` connects to a center; ``Executor()`` starts a
+    LocalCluster and owns it (``Executor(4)`` or ``max_workers=4`` sizes it,
+    as with ProcessPoolExecutor).  ``map`` follows PEP 3148 and returns an
+    iterator of results; see ``Client`` for a map that returns futures.
+    """
+
+    def __init__(self, address: Any = None, *, max_workers: int | None = None,
+                 n_workers: int | None = None, threads_per_worker: int = 1,
+                 timeout: float = 10.0, auth_key: bytes | str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> None:
+        self._cluster = None
+        if isinstance(address, int):
+            address, max_workers = None, address
+        if address is not None and hasattr(address, "address") and hasattr(address, "security"):
+            cluster_security = address.security  # a LocalCluster object
+            address = address.address
+        else:
+            cluster_security = None
+        if address is None:
+            from .cluster import LocalCluster
+            self._cluster = LocalCluster(n_workers=n_workers or max_workers or 2,
+                                         threads_per_worker=threads_per_worker,
+                                         tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+            address, cluster_security = self._cluster.address, self._cluster.security
+        self.address = wire.format_address(*wire.parse_address(address))
+        if auth_key is None and not (tls_ca or tls_cert):
+            cluster_security = cluster_security or local_cluster_security.get(self.address)
+        self.security = cluster_security if auth_key is None and cluster_security else \
+            Security(auth_key, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
+        self.id = uuid.uuid4().hex
+        self._lock = threading.RLock()
+        self._keys: dict[Any, _KeyInfo] = {}
+        self._deferred: collections.deque[_KeyInfo] = collections.deque()
+        self._news = threading.Condition(self._lock)
+        self._shutdown = False
+        self._broken: BaseException | None = None
+        self._pool = ConnectionPool(self.security, timeout=timeout)
+        self._gather_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        try:
+            self._conn = wire.connect(self.address, timeout=timeout, security=self.security)
+            self._conn.send({"op": "register_client", "client_id": self.id})
+            reply = self._conn.recv()
+            if not reply or reply[0].get("op") != "registered":
+                raise ConnectionError(f"unexpected reply from center: {reply!r:.200}")
+        except BaseException:
+            if self._cluster is not None:
+                self._cluster.close()
+            raise
+        self._sender = BatchedSender(self._conn, name="client->center")
+        self._sender_idle = threading.Event()
+        self._reader = threading.Thread(target=self._read_events, name="client-events",
+                                         daemon=True)
+        self._reader.start()
+        self._releaser = threading.Thread(target=self._release_loop, name="client-release",
+                                          daemon=True)
+        self._releaser.start()
+        _sessions.add(self)
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(self, fn: Callable, /, *args: Any, key: Any = None, pure: bool = True,
+               workers: Any = None, retries: int = 0, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` on the cluster; returns a Future at once.
+
+        Futures among the arguments (also inside lists, tuples and dicts)
+        become dependencies.  ``key=`` names the result, ``pure=False``
+        makes a fresh key for every call, ``workers=`` restricts where it
+        may run (addresses, names or hosts), ``retries=`` reruns it on error.
+        """
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        opts = {"workers": workers, "retries": retries} if workers or retries else None
+        return self._submit_many(fn, [(args, kwargs)], [key], pure, opts)[0]
+
+    def _submit_many(self, fn: Callable, calls: Iterable[tuple[tuple, dict]],
+                     keys: Iterable[Any] | None, pure: bool, opts: dict | None) -> list[Future]:
+        name = funcname(fn)
+        tasks, futures, holders = [], [], []
+        for (args, kwargs), key in zip(calls, keys or itertools.repeat(None)):
+            spec, deps = pack(fn, args, kwargs)
+            if key is None:
+                key = f"{name}-{_token(spec) if pure else uuid.uuid4()}"
+            tasks.append((key, spec, tuple(deps), opts))
+            holders.append(deps)
+        with self._lock:
+            self._check_open()
+            new = []
+            for task in tasks:
+                future, fresh = self._new_future(task[0])
+                futures.append(future)
+                if fresh:
+                    new.append(task)
+            if new:
+                self._sender.send({"op": "update_graph", "tasks": new,
+                                   "wants": [t[0] for t in new]})
+        return futures
+
+    def _new_future(self, key: Any) -> tuple[Future, bool]:
+        """A Future for ``key`` (caller holds the lock); True if the key is new here."""
+        info = self._keys.get(key)
+        fresh = info is None
+        if fresh:
+            info = self._keys[key] = _KeyInfo(key)
+        future = Future(key, self, info)
+        info.refs += 1
+        info.futures.append(weakref.ref(future))
+        if info.status == "finished":
+            future._finish()
+        elif info.status in ("error", "lost"):
+            future._fail(info.exception)
+        return future, fresh
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """PEP 3148 map: submits every call now, yields results in order.
+
+        ``timeout`` counts from this call; ``chunksize`` > 1 sends that many
+        calls per task.  An exception is raised when its item is reached.
+        """
+        end_time = None if timeout is None else time.monotonic() + timeout
+        calls = list(zip(*iterables))
+        if chunksize > 1:
+            chunks = [calls[i:i + chunksize] for i in range(0, len(calls), chunksize)]
+            futures = self._submit_many(_run_chunk, [((fn, c), {}) for c in chunks],
+                                        None, True, None)
+        else:
+            futures = self._submit_many(fn, [(c, {}) for c in calls], None, True, None)
+        return self._result_iterator(futures, end_time, chunksize > 1)
+
+    def _result_iterator(self, futures: list[Future], end_time: float | None,
+                         chunked: bool) -> Iterator[Any]:
+        try:
+            futures.reverse()
+            while futures:
+                remaining = None if end_time is None else end_time - time.monotonic()
+                concurrent.futures.wait([futures[-1]], timeout=remaining)
+                self._prefetch(futures)
+                value = futures.pop().result(
+                    None if end_time is None else max(0, end_time - time.monotonic()))
+                if chunked:
+                    yield from value
+                else:
+                    yield value
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _prefetch(self, futures: list[Future], limit: int = 1024) -> None:
+        """Fetch the values of the finished futures at the head of a reversed list at once."""
+        batch = []
+        for future in reversed(futures[-limit:]):
+            if future._state != FINISHED or future._result is not _UNFETCHED or \
+                    future._info.status != "finished":
+                break
+            batch.append(future)
+        if len(batch) > 1:
+            values = self._fetch([f.key for f in batch], None)
+            for future in batch:
+                future._result = values[future.key]
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; optionally cancel or wait for what is pending; disconnect.
+
+        Keys this session held are released on the cluster.  An owned
+        LocalCluster is shut down too.
+        """
+        with self._lock:
+            if self._shutdown:
+                return
+            self._shutdown = True
+            pending = [f for info in self._keys.values() for f in info.live_futures()
+                       if not f.done()]
+        if cancel_futures:
+            for future in pending:
+                future.cancel()
+        if wait and self._broken is None:
+            concurrent.futures.wait(pending)
+        self._close()
+
+    def _close(self) -> None:
+        self._sender.close(timeout=2)
+        self._conn.close()
+        self._reader.join(2)
+        self._pool.close()
+        if self._gather_pool is not None:
+            self._gather_pool.shutdown(wait=False)
+        if self._cluster is not None:
+            self._cluster.close()
+        _sessions.discard(self)
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if self._broken is not None:
+            raise ConnectionError(f"lost the center at {self.address}: {self._broken}")
+
+    # ------------------------------------------------------------------ extras
+
+    def gather(self, futures: Any, errors: str = "raise") -> Any:
+        """Values of futures, keeping the structure (lists, tuples, sets, dicts, nesting).
+
+        Non-future items pass through.  ``errors="skip"`` leaves out the
+        failed ones from lists instead of raising.
+        """
+        found: dict = {}
+        _collect_futures(futures, found)
+        if not found:
+            return futures
+        concurrent.futures.wait(list(found.values()))
+        failed = {k for k, f in found.items() if f.status in ("error", "lost", "cancelled")}
+        if failed and errors == "raise":
+            for key in _keys_in_order(futures):
+                if key in failed:
+                    found[key].result()  # raises the task's own exception
+        values = self._fetch([k for k in found if k not in failed], None)
+        return _rebuild(futures, values, failed)
+
+    def scatter(self, data: Any, workers: Any = None, broadcast: bool = False) -> Any:
+        """Put local data on workers; returns futures in the shape given.
+
+        A list (or other iterable) gives a list of futures, a dict gives a
+        dict with the same keys (its keys become the data's keys), a single
+        object gives one future.  Items go round-robin to the workers (or to
+        ``workers=``), or to all of them with ``broadcast=True``.
+        """
+        if isinstance(data, dict):
+            items = list(data.items())
+            shape = "dict"
+        elif isinstance(data, (list, tuple, set, frozenset, Iterator)) or \
+                type(data).__name__ in ("range", "generator"):
+            prefix = uuid.uuid1()
+            items = [(f"{prefix}-{i}", x) for i, x in enumerate(data)]
+            shape = "list"
+        else:
+            items = [(f"{type(data).__name__}-{uuid.uuid4().hex}", data)]
+            shape = "one"
+        self._check_open()
+        targets = self._target_workers(workers)
+        blobs = {key: wire.serialize(value) for key, value in items}
+        plan: dict[str, dict] = collections.defaultdict(dict)
+        start = random.randrange(len(targets))
+        for i, (key, _) in enumerate(items):
+            chosen = targets if broadcast else [targets[(start + i) % len(targets)]]
+            for address in chosen:
+                plan[address][key] = blobs[key]
+        stored: dict = collections.defaultdict(lambda: ([], 0))
+        replies = self._map_parallel(
+            lambda address: (address, self._pool.call(address, "update_data",
+                                                       data=plan[address])), list(plan))
+        for address, sizes in replies:
+            for key, nbytes in sizes.items():
+                stored[key] = (stored[key][0] + [address], nbytes)
+        with self._lock:
+            self._check_open()
+            futures = {key: self._new_future(key)[0] for key, _ in items}
+            self._sender.send({"op": "scatter", "data": dict(stored)})
+        concurrent.futures.wait(list(futures.values()), timeout=30)
+        if shape == "dict":
+            return futures
+        if shape == "one":
+            return next(iter(futures.values()))
+        return list(futures.values())
+
+    def _target_workers(self, workers: Any) -> list[str]:
+        nthreads = self._center("nthreads")
+        if workers is not None:
+            wanted = {workers} if isinstance(workers, str) else set(workers)
+            info = self._center("workers")
+            nthreads = {a: n for a, n in nthreads.items()
+                        if a in wanted or info[a]["name"] in wanted
+                        or a.rpartition(":")[0] in wanted}
+        if not nthreads:
+            raise ValueError("no workers to scatter to" +
+                             (f" among {workers!r}" if workers is not None else ""))
+        return sorted(nthreads)
+
+    def cancel(self, futures: Any) -> None:
+        """Cancel futures: pending ones stop, finished ones are released and marked cancelled."""
+        found: dict = {}
+        _collect_futures(futures, found)
+        with self._lock:
+            for key in found:
+                info = self._keys.get(key)
+                if info is None:
+                    continue
+                for future in info.live_futures():
+                    if not future.cancel():
+                        future._info = _cancelled_info(key)
+                        self._drop_ref(future)
+
+    def who_has(self, futures: Any = None) -> dict:
+        """key -> worker addresses holding it, for ``futures`` or for every key in memory."""
+        keys = None
+        if futures is not None:
+            found: dict = {}
+            _collect_futures(futures, found)
+            keys = list(found)
+        return self._center("who_has", keys=keys)
+
+    def has_what(self) -> dict:
+        """worker address -> keys it holds."""
+        return self._center("has_what")
+
+    def nthreads(self) -> dict:
+        """worker address -> number of task threads."""
+        return self._center("nthreads")
+
+    ncores = nthreads
+
+    def _center(self, op: str, **kwargs: Any) -> Any:
+        return self._pool.call(self.address, op, **kwargs)
+
+    # ------------------------------------------------------------------ fetching results
+
+    def _fetch(self, keys: list, timeout: float | None) -> dict:
+        """Fetch values straight from workers; ask the center again if a holder is gone."""
+        end = None if timeout is None else time.monotonic() + timeout
+        results: dict = {}
+        remaining = list(dict.fromkeys(keys))
+        while remaining:
+            by_worker: dict[str, list] = collections.defaultdict(list)
+            generations = {}
+            with self._lock:
+                for key in remaining:
+                    info = self._keys.get(key)
+                    if info is None:
+                        raise CancelledError(f"key {key!r} was released")
+                    if info.status in ("error", "lost"):
+                        raise info.exception
+                    generations[key] = info.generation
+                    if info.who_has:
+                        by_worker[random.choice(info.who_has)].append(key)
+            failed = [k for k in remaining if not any(k in ks for ks in by_worker.values())]
+            for address, got, missing in self._map_parallel(
+                    lambda item: self._get_data(*item), list(by_worker.items())):
+                results.update(got)
+                failed.extend(missing)
+            if not failed:
+                break
+            remaining = failed
+            with self._lock:
+                for key in remaining:
+                    info = self._keys.get(key)
+                    if info is not None:
+                        info.who_has = []
+                        info.generation += 1
+                        generations[key] = info.generation
+                self._sender.send({"op": "locate", "keys": remaining})
+            self._wait_for_news(remaining, generations, end)
+        return results
+
+    def _get_data(self, address: str, keys: list) -> tuple[str, dict, list]:
+        try:
+            reply = self._pool.call(address, "get_data", keys=keys)
+        except (ConnectionError, OSError) as e:
+            logger.info("could not fetch from %s: %s", address, e)
+            return address, {}, keys
+        errors = reply.get("errors") or {}
+        for key, (blob, tb) in errors.items():
+            raise unpack_exception(blob, tb)
+        got = {key: wire.deserialize(blob) for key, blob in reply["data"].items()}
+        return address, got, list(reply.get("missing") or ())
+
+    def _wait_for_news(self, keys: list, generations: dict, end: float | None) -> None:
+        with self._news:
+            while True:
+                if self._broken is not None:
+                    raise ConnectionError(f"lost the center at {self.address}: {self._broken}")
+                if any(self._keys.get(k) is None or self._keys[k].generation != generations[k]
+                       for k in keys):
+                    return
+                remaining = None if end is None else end - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"timed out waiting for {len(keys)} keys")
+                self._news.wait(remaining if remaining is not None else 1.0)
+
+    def _map_parallel(self, fn: Callable, items: list) -> list:
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        if self._gather_pool is None:
+            self._gather_pool = concurrent.futures.ThreadPoolExecutor(
+                8, thread_name_prefix="gather")
+        return list(self._gather_pool.map(fn, items))
+
+    # ------------------------------------------------------------------ events from the center
+
+    def _read_events(self) -> None:
+        handlers = {"memory": self._on_memory, "erred": self._on_erred, "lost": self._on_lost}
+        try:
+            while True:
+                for msg in self._conn.recv():
+                    handlers[msg.pop("op")](**msg)
+        except ConnectionError as e:
+            if not self._shutdown:
+                logger.warning("lost the center at %s: %s", self.address, e)
+                self._break(e)
+        except Exception as e:
+            logger.exception("client event loop failed")
+            self._break(e)
+
+    def _on_memory(self, key: Any, who_has: list) -> None:
+        with self._lock:
+            info = self._keys.get(key)
+            if info is None:
+                return
+            info.status = "finished"
+            info.who_has = who_has
+            info.generation += 1
+            futures = info.live_futures()
+            self._news.notify_all()
+        for future in futures:
+            future._finish()
+
+    def _on_erred(self, key: Any, exception: wire.Serialized, traceback: str) -> None:
+        exc = unpack_exception(exception, traceback)
+        self._set_failed(key, "error", exc, traceback)
+
+    def _on_lost(self, key: Any, reason: str) -> None:
+        self._set_failed(key, "lost", LostKeyError(reason), None)
+
+    def _set_failed(self, key: Any, status: str, exc: BaseException, tb: str | None) -> None:
+        with self._lock:
+            info = self._keys.get(key)
+            if info is None:
+                return
+            info.status, info.exception, info.tb = status, exc, tb
+            info.generation += 1
+            futures = info.live_futures()
+            self._news.notify_all()
+        for future in futures:
+            future._fail(exc)
+
+    def _break(self, exc: BaseException) -> None:
+        error = ConnectionError(f"lost the center at {self.address}: {exc}")
+        with self._lock:
+            self._broken = exc
+            futures = [f for info in self._keys.values() for f in info.live_futures()]
+            self._news.notify_all()
+        for future in futures:
+            future._fail(error)
+
+    # ------------------------------------------------------------------ reference counting
+
+    def _drop_ref(self, future: Future) -> None:
+        if not future._released:
+            future._released = True
+            self._deferred.append(future._info)
+
+    def _release_loop(self) -> None:
+        """Turn dropped futures into ``release`` messages (off the GC's thread)."""
+        deferred = self._deferred
+        while not self._shutdown and self._broken is None:
+            time.sleep(0.05)
+            if not deferred:
+                continue
+            released = []
+            with self._lock:
+                while deferred:
+                    info = deferred.popleft()
+                    info.refs -= 1
+                    if info.refs <= 0 and self._keys.get(info.key) is info:
+                        del self._keys[info.key]
+                        released.append(info.key)
+                if released and not self._shutdown:
+                    self._sender.send({"op": "release", "keys": released})
+
+    # ------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._shutdown else "connected"
+        return f"<{type(self).__name__}: center={self.address} {state}>"
+
+
+def _cancelled_info(key: Any) -> _KeyInfo:
+    info = _KeyInfo(key)
+    info.status = "cancelled"
+    return info
+
+
+def _collect_futures(obj: Any, found: dict) -> None:
+    if isinstance(obj, Future):
+        found.setdefault(obj.key, obj)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for item in obj:
+            _collect_futures(item, found)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _collect_futures(item, found)
+
+
+def _keys_in_order(obj: Any) -> Iterator[Any]:
+    if isinstance(obj, Future):
+        yield obj.key
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for item in obj:
+            yield from _keys_in_order(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _keys_in_order(item)
+
+
+_SKIP = object()
+
+
+def _rebuild(obj: Any, values: dict, failed: set) -> Any:
+    if isinstance(obj, Future):
+        return _SKIP if obj.key in failed else values[obj.key]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [_rebuild(x, values, failed) for x in obj]
+        return type(obj)(x for x in items if x is not _SKIP)
+    if isinstance(obj, dict):
+        items = {k: _rebuild(v, values, failed) for k, v in obj.items()}
+        return {k: v for k, v in items.items() if v is not _SKIP}
+    return obj
+
+
+class Client(Executor):
+    """The dask-style session of the seeds: ``map`` returns Futures that stay remote.
+
+    Everything else is the Executor's; ``close()`` ends the session.
+    """
+
+    def map(self, fn: Callable, *iterables: Iterable, key: Any = None, pure: bool = True,
+            workers: Any = None, retries: int = 0, **kwargs: Any) -> list[Future]:
+        """Submit ``fn`` over the iterables; returns a list of Futures (no results fetched).
+
+        Keyword arguments go to every call.  ``key=`` is a list of keys, one per call.
+        """
+        opts = {"workers": workers, "retries": retries} if workers or retries else None
+        calls = [(args, kwargs) for args in zip(*iterables)]
+        keys = key if isinstance(key, (list, tuple)) else None
+        return self._submit_many(fn, calls, keys, pure, opts)
+
+    def close(self) -> None:
+        """End the session: its keys are released on the cluster."""
+        self.shutdown(wait=False)
+
+
+def _close_all_sessions() -> None:
+    for session in list(_sessions):
+        try:
+            session.shutdown(wait=False)
+        except Exception:
+            pass
+
+
+atexit.register(_close_all_sessions)

@@ -1,0 +1,273 @@
+"""What a task is, as clients write it and workers run it.
+
+A task is ``func(*args, **kwargs)`` where any argument may be (or contain,
+inside lists, tuples, sets and dicts) a reference to another key.  Clients
+pack a task into a ``RunSpec``: the function and the arguments are pickled
+separately (so one pickled function is shared by every task of a ``map``),
+and references become ``TaskRef`` placeholders.  The center never opens a
+RunSpec; the worker unpacks it, swaps each ``TaskRef`` for the value of its
+key and calls the function.
+
+The errors that travel between processes live here too, so that every
+process can unpickle them.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Any, Callable, Iterable
+
+from .wire import Serialized, deserialize, serialize
+
+
+class TaskRef:
+    """Placeholder for the value of ``key`` inside a task's arguments."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+
+    def __reduce__(self) -> Any:
+        return TaskRef, (self.key,)
+
+    def __repr__(self) -> str:
+        return f"TaskRef({self.key!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TaskRef) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(("TaskRef", self.key))
+
+
+class HasKey:
+    """Mixin for client handles (Future, RemoteData) that name data on the cluster.
+
+    A ``HasKey`` found among a task's arguments becomes a dependency.
+    """
+
+    key: Any
+
+
+class RunSpec:
+    """A packed task: pickled function, pickled arguments, and whether they hold refs."""
+
+    __slots__ = ("func", "args", "has_refs")
+
+    def __init__(self, func: Serialized, args: Serialized, has_refs: bool) -> None:
+        self.func = func
+        self.args = args
+        self.has_refs = has_refs
+
+    def __reduce__(self) -> Any:
+        return RunSpec, (self.func, self.args, self.has_refs)
+
+
+class KilledWorker(Exception):
+    """A task was running on too many workers that died; it is not retried again."""
+
+    def __init__(self, key: Any, last_worker: str, count: int) -> None:
+        super().__init__(key, last_worker, count)
+        self.key, self.last_worker, self.count = key, last_worker, count
+
+    def __str__(self) -> str:
+        return (f"task {self.key!r} was running on {self.count} workers that died "
+                f"(the last was {self.last_worker}); giving up on it")
+
+
+class LostKeyError(Exception):
+    """The only copy of a key's data died with its worker and it cannot be recomputed."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "key lost"
+
+
+class RemoteException(Exception):
+    """Stands for a task's exception whose class cannot be unpickled here."""
+
+    def __init__(self, type_name: str, text: str) -> None:
+        super().__init__(type_name, text)
+        self.type_name, self.text = type_name, text
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.text}"
+
+
+class RemoteTraceback(Exception):
+    """Attached as ``__cause__`` of a re-raised task error; shows the remote traceback."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+# ---------------------------------------------------------------------------
+# Packing (client side)
+
+_ATOMIC = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
+
+
+def find_refs(obj: Any, deps: dict) -> Any:
+    """Return ``obj`` with every HasKey replaced by a TaskRef, recording keys in ``deps``.
+
+    Containers are rebuilt only when something inside them changed.  ``deps``
+    maps key -> the handle, so callers can keep the handle alive.
+    """
+    typ = type(obj)
+    if typ in _ATOMIC:
+        return obj
+    if isinstance(obj, HasKey):
+        deps[obj.key] = obj
+        return TaskRef(obj.key)
+    if typ in (list, tuple, set, frozenset):
+        items = [find_refs(x, deps) for x in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        return typ(items)
+    if typ is dict:
+        values = {k: find_refs(v, deps) for k, v in obj.items()}
+        if all(values[k] is v for k, v in obj.items()):
+            return obj
+        return values
+    return obj
+
+
+_func_cache: dict[Any, Serialized] = {}
+
+
+def serialize_function(func: Callable) -> Serialized:
+    """Pickle a function once (cloudpickle) and reuse the bytes for every task."""
+    try:
+        return _func_cache[func]
+    except (KeyError, TypeError):
+        pass
+    s = serialize(func)
+    try:
+        if len(_func_cache) >= 256:
+            _func_cache.pop(next(iter(_func_cache)))
+        _func_cache[func] = s
+    except TypeError:  # unhashable callable
+        pass
+    return s
+
+
+def pack(func: Callable, args: tuple, kwargs: dict) -> tuple[RunSpec, dict]:
+    """Pack a call into a RunSpec; returns it and the handles it depends on."""
+    deps: dict = {}
+    args = find_refs(args, deps)
+    if kwargs:
+        kwargs = find_refs(kwargs, deps)
+    return RunSpec(serialize_function(func), serialize((args, kwargs)), bool(deps)), deps
+
+
+# ---------------------------------------------------------------------------
+# Unpacking and running (worker side)
+
+
+def substitute(obj: Any, data: dict) -> Any:
+    """Replace every TaskRef in ``obj`` by ``data[ref.key]``."""
+    typ = type(obj)
+    if typ is TaskRef:
+        return data[obj.key]
+    if typ in (list, tuple, set, frozenset):
+        return typ(substitute(x, data) for x in obj)
+    if typ is dict:
+        return {k: substitute(v, data) for k, v in obj.items()}
+    return obj
+
+
+_loaded_funcs: dict[bytes, Callable] = {}
+
+
+def load_function(s: Serialized) -> Callable:
+    """Unpickle a function, caching by its bytes (a map sends the same bytes many times)."""
+    if s.buffers:
+        return deserialize(s)
+    try:
+        return _loaded_funcs[s.header]
+    except KeyError:
+        func = deserialize(s)
+        if len(_loaded_funcs) >= 256:
+            _loaded_funcs.pop(next(iter(_loaded_funcs)))
+        _loaded_funcs[s.header] = func
+        return func
+
+
+def run(spec: RunSpec, data: dict) -> Any:
+    """Unpack and call a RunSpec with its references taken from ``data``."""
+    func = load_function(spec.func)
+    args, kwargs = deserialize(spec.args)
+    if spec.has_refs:
+        args = substitute(args, data)
+        kwargs = substitute(kwargs, data)
+    return func(*args, **kwargs)
+
+
+def pack_exception(exc: BaseException) -> tuple[Serialized, str]:
+    """Serialize a task's exception and its traceback text for the trip home."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    exc.__traceback__ = None
+    try:
+        blob = serialize(exc)
+        deserialize(blob)  # an exception that pickles but cannot unpickle is common
+    except Exception:
+        blob = serialize(RemoteException(type(exc).__qualname__, str(exc)))
+    return blob, tb
+
+
+def unpack_exception(blob: Serialized, tb: str) -> BaseException:
+    """Rebuild a task's exception with the remote traceback as its ``__cause__``."""
+    try:
+        exc = deserialize(blob)
+        if not isinstance(exc, BaseException):
+            raise TypeError(type(exc))
+    except Exception:
+        last = tb.strip().splitlines()[-1] if tb.strip() else "unknown error"
+        type_name, _, text = last.partition(": ")
+        exc = RemoteException(type_name, text)
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+    return exc
+
+
+def sizeof(obj: Any) -> int:
+    """A cheap estimate of the bytes an object holds (for scheduling decisions)."""
+    try:
+        nbytes = obj.nbytes
+        if isinstance(nbytes, int):
+            return nbytes
+    except Exception:
+        pass
+    typ = type(obj)
+    if typ in (bytes, bytearray, str):
+        return len(obj)
+    if typ in (list, tuple, set) and obj:
+        sample = list(obj)[:10] if typ is set else obj[:10]
+        return sys.getsizeof(obj) + sum(sizeof(x) for x in sample) * len(obj) // len(sample)
+    if typ is dict and obj:
+        return sys.getsizeof(obj) + sum(sizeof(v) for v in list(obj.values())[:10]) \
+            * len(obj) // min(len(obj), 10)
+    if hasattr(obj, "memory_usage"):  # pandas DataFrame
+        try:
+            return int(obj.memory_usage(deep=False).sum())
+        except Exception:
+            pass
+    return sys.getsizeof(obj)
+
+
+def key_name(key: Any) -> str:
+    """Short printable form of a key for logs and reprs."""
+    return key if isinstance(key, str) else repr(key)
+
+
+def flatten(obj: Any, types: tuple = (list, tuple)) -> Iterable[Any]:
+    """Yield the leaves of nested lists/tuples."""
+    if isinstance(obj, types):
+        for item in obj:
+            yield from flatten(item, types)
+    else:
+        yield obj

@@ -1,0 +1,788 @@
+"""Bytes on sockets: framing, serialization, the handshake, servers and rpc.
+
+Everything that crosses a socket in minidist goes through this module::
+
+    obj --dumps--> [pickle, buf, buf, ...] --write_frames--> socket
+    socket --read_frames--> [pickle, buf, buf, ...] --loads--> obj
+
+A message is one pickle (protocol 5) plus the large buffers it refers to,
+each sent as its own frame so that a 256 MB array is never copied into the
+pickle.  On the wire a message is::
+
+    !I   frame count n
+    !nQ  frame lengths; the top bit marks a frame the receiver must be able
+         to write to (a numpy array's memory), otherwise it arrives as bytes
+    ...  the frames
+
+Lengths are checked against ``max_frame_bytes`` before anything is
+allocated.  Frames are sent with ``sendmsg`` (no concatenation) and read
+into preallocated memory.
+
+Before any frame is read, both ends run a handshake made only of fixed-size
+fields (nothing is unpickled): the client sends ``MAGIC``, a version and a
+flag saying whether it holds an auth key; the server answers with a status
+byte.  With an auth key both ends prove they hold it (HMAC-SHA256 over a
+fresh random nonce from the other side), as ``multiprocessing.connection``
+does with ``deliver_challenge`` / ``answer_challenge``.  TLS, when
+configured, wraps the socket before the handshake.
+
+On top of that sit a ``Server`` (a ``ThreadingTCPServer`` dispatching
+``{"op": name, ...}`` to a table of handlers), a blocking ``rpc`` proxy
+over pooled connections, and ``BatchedSender``, which turns many small
+stream messages into one frame per send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import pickle
+import secrets
+import socket
+import socketserver
+import ssl
+import struct
+import sys
+import threading
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import cloudpickle
+
+logger = logging.getLogger("minidist.wire")
+
+MAGIC = b"minidist"
+VERSION = 1
+DEFAULT_PORT = 8787
+DEFAULT_MAX_FRAME_BYTES = int(os.environ.get("MINIDIST_MAX_FRAME_BYTES", 4 << 30))
+MAX_FRAMES = 1 << 16
+HANDSHAKE_TIMEOUT = 5.0
+OOB_THRESHOLD = 2048  # buffers smaller than this stay inside the pickle
+
+_WRITABLE = 1 << 63
+_COUNT = struct.Struct("!I")
+_HELLO = struct.Struct("!8sBB")  # magic, version, flags
+_FLAG_HAS_KEY = 1
+# The server's one-byte answer to a hello.
+_OK, _OK_AUTH, _NEEDS_KEY, _HAS_NO_KEY, _BAD_VERSION, _REJECTED = range(6)
+_NONCE = 32
+
+
+class ProtocolError(ConnectionError):
+    """The peer sent bytes that are not a valid minidist message."""
+
+
+class AuthenticationError(ConnectionError):
+    """The handshake failed: missing or wrong auth key, or not a minidist peer."""
+
+
+class RemoteError(Exception):
+    """A server handler raised; carries the remote exception text."""
+
+
+# ---------------------------------------------------------------------------
+# Addresses and configuration
+
+
+def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
+    """Return ``(host, port)`` for ``"host:port"``, ``"tcp://host:port"`` or a tuple."""
+    if isinstance(address, tuple):
+        host, port = address
+        return str(host), int(port)
+    text = str(address)
+    for prefix in ("tcp://", "tls://"):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, DEFAULT_PORT
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    """The canonical ``"host:port"`` form used as a worker's identity."""
+    return f"{host}:{port}"
+
+
+def resolve_auth_key(auth_key: bytes | str | None = None,
+                     auth_key_file: str | None = None) -> bytes | None:
+    """The auth key to use: explicit, else from a file, else ``MINIDIST_AUTH_KEY``."""
+    if auth_key is None and auth_key_file:
+        with open(auth_key_file, "rb") as f:
+            auth_key = f.read().strip()
+    if auth_key is None:
+        auth_key = os.environ.get("MINIDIST_AUTH_KEY") or None
+    if isinstance(auth_key, str):
+        auth_key = auth_key.encode()
+    return auth_key or None
+
+
+def ssl_context(*, server_side: bool, cert: str | None = None, key: str | None = None,
+                ca: str | None = None) -> ssl.SSLContext | None:
+    """A TLS context from PEM files, or None when no TLS option is given.
+
+    A server with ``ca`` requires client certificates signed by it; a client
+    with ``ca`` verifies the server against it (hostname checks are off
+    because workers are dialled by IP address).
+    """
+    if not (cert or key or ca):
+        return None
+    if server_side:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        if ca:
+            ctx.load_verify_locations(ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        if ca:
+            ctx.load_verify_locations(ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        else:
+            ctx.verify_mode = ssl.CERT_NONE
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class Security:
+    """What a process needs to open or accept connections: key and TLS contexts."""
+
+    def __init__(self, auth_key: bytes | str | None = None, *, auth_key_file: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_ca: str | None = None) -> None:
+        self.auth_key = resolve_auth_key(auth_key, auth_key_file)
+        self.tls = dict(cert=tls_cert, key=tls_key, ca=tls_ca)
+        self.server_ssl = ssl_context(server_side=True, **self.tls) if tls_cert else None
+        self.client_ssl = ssl_context(server_side=False, **self.tls)
+
+    def cli_args(self) -> list[str]:
+        """Command-line flags that give a child process the same TLS files."""
+        args = []
+        for name, value in self.tls.items():
+            if value:
+                args += [f"--tls-{name}", value]
+        return args
+
+
+# ---------------------------------------------------------------------------
+# Serialization
+
+
+def _identity(obj: Any) -> Any:
+    return obj
+
+
+class _Bytes:
+    """Wrap a bytes-like value so that pickling sends it out of band."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bytes | bytearray) -> None:
+        self.value = value
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        return _identity, (pickle.PickleBuffer(self.value),)
+
+
+def _oob(buffers: list) -> Callable[[pickle.PickleBuffer], bool]:
+    def callback(buf: pickle.PickleBuffer) -> bool:
+        if buf.raw().nbytes < OOB_THRESHOLD:
+            return True  # small: keep it inside the pickle
+        buffers.append(buf)
+        return False
+    return callback
+
+
+def dumps(obj: Any) -> list:
+    """Pickle ``obj`` into frames: the pickle, then its out-of-band buffers.
+
+    Plain pickle first (fast, C); cloudpickle when that fails (lambdas,
+    closures, classes defined in ``__main__``).
+    """
+    buffers: list = []
+    try:
+        head = pickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
+    except Exception:
+        buffers = []
+        head = cloudpickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
+    return [head, *buffers]
+
+
+def loads(frames: list) -> Any:
+    """Inverse of ``dumps``."""
+    return pickle.loads(frames[0], buffers=frames[1:])
+
+
+class Serialized:
+    """A user value pickled once and carried opaquely (the center never opens it).
+
+    Functions, arguments and results travel this way: the client pickles with
+    cloudpickle, the center only forwards, the worker unpickles.  Large
+    buffers stay out of band all the way.
+    """
+
+    __slots__ = ("header", "buffers", "_hash")
+
+    def __init__(self, header: bytes, buffers: list = ()) -> None:
+        self.header = header
+        self.buffers = list(buffers)
+        self._hash = None
+
+    def __reduce__(self) -> Any:
+        return Serialized, (self.header, [pickle.PickleBuffer(b) for b in self.buffers])
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + sum(memoryview(b).nbytes for b in self.buffers)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Serialized) and self.header == other.header and \
+            [bytes(b) for b in self.buffers] == [bytes(b) for b in other.buffers]
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash((self.header, len(self.buffers)))
+        return self._hash
+
+
+def serialize(obj: Any) -> Serialized:
+    """Pickle a user value (cloudpickle, protocol 5, large buffers out of band)."""
+    if type(obj) in (bytes, bytearray) and len(obj) >= OOB_THRESHOLD:
+        obj = _Bytes(obj)
+    buffers: list = []
+    try:
+        header = cloudpickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
+    except Exception as e:
+        raise TypeError(f"cannot serialize {type(obj).__qualname__!s} object: {e}") from e
+    return Serialized(header, [b.raw() for b in buffers])
+
+
+def deserialize(s: Serialized) -> Any:
+    """Inverse of ``serialize``."""
+    return pickle.loads(s.header, buffers=s.buffers)
+
+
+# ---------------------------------------------------------------------------
+# Framing
+
+
+def write_frames(sock: socket.socket, frames: list) -> None:
+    """Send a header and the frames without concatenating large ones."""
+    views = [memoryview(f).cast("B") for f in frames]
+    lengths = [v.nbytes | (0 if v.readonly else _WRITABLE) for v in views]
+    header = _COUNT.pack(len(views)) + struct.pack(f"!{len(views)}Q", *lengths)
+    if isinstance(sock, ssl.SSLSocket):  # no sendmsg over TLS
+        small = [header]
+        for v in views:
+            if v.nbytes < 65536:
+                small.append(v)
+            else:
+                sock.sendall(b"".join(small))
+                small = []
+                sock.sendall(v)
+        if small:
+            sock.sendall(b"".join(small))
+        return
+    pending = [memoryview(header), *views]
+    while pending:
+        sent = sock.sendmsg(pending[:1024])
+        while sent:
+            n = pending[0].nbytes
+            if sent >= n:
+                sent -= n
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][sent:]
+                sent = 0
+        while pending and not pending[0].nbytes:
+            pending.pop(0)
+
+
+def _read_exact(rfile: Any, n: int) -> bytes:
+    data = rfile.read(n)
+    if data is None or len(data) != n:
+        raise ConnectionError("connection closed by peer")
+    return data
+
+
+def _readinto_exact(rfile: Any, buf: bytearray) -> None:
+    view = memoryview(buf)
+    while view.nbytes:
+        n = rfile.readinto(view)
+        if not n:
+            raise ConnectionError("connection closed by peer")
+        view = view[n:]
+
+
+def read_frames(rfile: Any, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list:
+    """Read one message's frames from a buffered reader, checking every length first."""
+    (count,) = _COUNT.unpack(_read_exact(rfile, 4))
+    if not 0 < count <= MAX_FRAMES:
+        raise ProtocolError(f"bad frame count {count}")
+    lengths = struct.unpack(f"!{count}Q", _read_exact(rfile, 8 * count))
+    sizes = [length & ~_WRITABLE for length in lengths]
+    if max(sizes) > max_frame_bytes or sum(sizes) > 4 * max_frame_bytes:
+        raise ProtocolError(f"frame of {max(sizes)} bytes exceeds limit {max_frame_bytes}")
+    frames = []
+    for length, size in zip(lengths, sizes):
+        if length & _WRITABLE:
+            buf = bytearray(size)
+            _readinto_exact(rfile, buf)
+            frames.append(buf)
+        else:
+            frames.append(_read_exact(rfile, size))
+    return frames
+
+
+# ---------------------------------------------------------------------------
+# Handshake: fixed-size fields only, nothing unpickled
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed during handshake")
+        data += chunk
+    return data
+
+
+def _proof(key: bytes, role: bytes, nonce: bytes) -> bytes:
+    return hmac.new(key, MAGIC + role + nonce, hashlib.sha256).digest()
+
+
+def deliver_challenge(sock: socket.socket, key: bytes | None) -> None:
+    """Server side: check the client's hello and, with a key, authenticate both ways."""
+    magic, version, flags = _HELLO.unpack(_recv_exact(sock, _HELLO.size))
+    if magic != MAGIC:
+        raise ProtocolError("not a minidist peer (bad magic)")
+    if version != VERSION:
+        sock.sendall(bytes([_BAD_VERSION]))
+        raise ProtocolError(f"protocol version {version}, expected {VERSION}")
+    client_has_key = bool(flags & _FLAG_HAS_KEY)
+    if key is None:
+        sock.sendall(bytes([_HAS_NO_KEY if client_has_key else _OK]))
+        if client_has_key:
+            raise AuthenticationError("client offered an auth key but this server has none")
+        return
+    if not client_has_key:
+        sock.sendall(bytes([_NEEDS_KEY]))
+        raise AuthenticationError("client has no auth key")
+    nonce = secrets.token_bytes(_NONCE)
+    sock.sendall(bytes([_OK_AUTH]) + nonce)
+    answer = _recv_exact(sock, 32 + _NONCE)
+    proof, client_nonce = answer[:32], answer[32:]
+    if not hmac.compare_digest(proof, _proof(key, b"client", nonce)):
+        sock.sendall(bytes([_REJECTED]))
+        raise AuthenticationError("wrong auth key")
+    sock.sendall(bytes([_OK]) + _proof(key, b"server", client_nonce))
+
+
+def answer_challenge(sock: socket.socket, key: bytes | None, peer: str) -> None:
+    """Client side of ``deliver_challenge``; raises AuthenticationError on mismatch."""
+    sock.sendall(_HELLO.pack(MAGIC, VERSION, _FLAG_HAS_KEY if key else 0))
+    status = _recv_exact(sock, 1)[0]
+    if status == _OK:
+        return
+    if status == _NEEDS_KEY:
+        raise AuthenticationError(
+            f"{peer} requires an auth key: pass auth_key= or set MINIDIST_AUTH_KEY")
+    if status == _HAS_NO_KEY:
+        raise AuthenticationError(
+            f"{peer} has no auth key configured but one was given; it cannot prove "
+            "who it is, so the connection was refused")
+    if status == _BAD_VERSION:
+        raise AuthenticationError(f"{peer} speaks another minidist protocol version")
+    if status != _OK_AUTH:
+        raise ProtocolError(f"{peer} is not a minidist server (status {status})")
+    nonce = _recv_exact(sock, _NONCE)
+    my_nonce = secrets.token_bytes(_NONCE)
+    sock.sendall(_proof(key, b"client", nonce) + my_nonce)
+    reply = _recv_exact(sock, 1)
+    if reply[0] != _OK:
+        raise AuthenticationError(f"{peer} rejected the auth key")
+    if not hmac.compare_digest(_recv_exact(sock, 32), _proof(key, b"server", my_nonce)):
+        raise AuthenticationError(f"{peer} failed to prove it holds the auth key")
+
+
+# ---------------------------------------------------------------------------
+# Connections
+
+
+class Connection:
+    """A blocking, authenticated message connection.  ``send`` is thread-safe."""
+
+    def __init__(self, sock: socket.socket, peer: str,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.max_frame_bytes = max_frame_bytes
+        self._rfile = sock.makefile("rb", buffering=1 << 16)
+        self._send_lock = threading.Lock()
+        self.closed = False
+
+    def send(self, obj: Any) -> None:
+        """Send one message; raises ConnectionError when the peer is gone."""
+        frames = dumps(obj)
+        with self._send_lock:
+            if self.closed:
+                raise ConnectionError(f"connection to {self.peer} is closed")
+            try:
+                write_frames(self.sock, frames)
+            except OSError as e:
+                self.close()
+                raise ConnectionError(f"lost connection to {self.peer}: {e}") from e
+
+    def recv(self) -> Any:
+        """Receive one message; raises ConnectionError on EOF, ProtocolError on garbage."""
+        try:
+            frames = read_frames(self._rfile, self.max_frame_bytes)
+        except (OSError, ValueError) as e:
+            self.close()
+            if isinstance(e, ConnectionError):
+                raise
+            raise ConnectionError(f"lost connection to {self.peer}: {e}") from e
+        except struct.error as e:
+            self.close()
+            raise ProtocolError(f"truncated header from {self.peer}") from e
+        try:
+            return loads(frames)
+        except Exception as e:
+            self.close()
+            raise ProtocolError(f"undecodable message from {self.peer}: {e!r}") from e
+
+    def request(self, msg: Any) -> Any:
+        """Send ``msg`` and return the reply (no other thread may read this connection)."""
+        self.send(msg)
+        reply = self.recv()
+        if isinstance(reply, _ErrorReply):
+            raise RemoteError(reply.text)
+        return reply
+
+    def close(self) -> None:
+        """Close the socket; safe to call more than once and from any thread."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self._rfile.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<Connection to {self.peer}{' closed' if self.closed else ''}>"
+
+
+def connect(address: str | tuple[str, int], *, timeout: float = 10.0,
+            security: Security | None = None) -> Connection:
+    """Dial ``address``, wrap TLS if configured, run the handshake, return a Connection."""
+    host, port = parse_address(address)
+    peer = format_address(host, port)
+    security = security or Security()
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        raise ConnectionError(f"cannot connect to {peer}: {e}") from e
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if security.client_ssl is not None:
+            sock = security.client_ssl.wrap_socket(sock)
+        answer_challenge(sock, security.auth_key, peer)
+    except ssl.SSLError as e:
+        sock.close()
+        raise ConnectionError(f"TLS handshake with {peer} failed: {e}") from e
+    except ConnectionError as e:
+        sock.close()
+        if isinstance(e, (AuthenticationError, ProtocolError)):
+            raise
+        hint = "" if security.client_ssl else " (does it require TLS?)"
+        raise ConnectionError(f"handshake with {peer} failed{hint}: {e}") from e
+    except OSError as e:  # timeouts
+        sock.close()
+        raise ConnectionError(f"handshake with {peer} failed: {e}") from e
+    sock.settimeout(None)
+    return Connection(sock, peer)
+
+
+class ConnectionPool:
+    """Idle connections per address, reused across calls instead of redialled."""
+
+    def __init__(self, security: Security | None = None, timeout: float = 10.0,
+                 max_idle: int = 8) -> None:
+        self.security = security or Security()
+        self.timeout = timeout
+        self.max_idle = max_idle
+        self._idle: dict[str, list[Connection]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def acquire(self, address: str) -> tuple[Connection, bool]:
+        """An idle or new connection; the flag says whether it was reused."""
+        with self._lock:
+            idle = self._idle.get(address)
+            while idle:
+                conn = idle.pop()
+                if not conn.closed:
+                    return conn, True
+        return connect(address, timeout=self.timeout, security=self.security), False
+
+    def release(self, address: str, conn: Connection) -> None:
+        with self._lock:
+            idle = self._idle[address]
+            if not conn.closed and len(idle) < self.max_idle:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def call(self, address: str, op: str, **kwargs: Any) -> Any:
+        """Run one request/response on a pooled connection (retries once if stale)."""
+        msg = {"op": op, **kwargs}
+        for attempt in (0, 1):
+            conn, reused = self.acquire(address)
+            try:
+                reply = conn.request(msg)
+            except RemoteError:
+                self.release(address, conn)
+                raise
+            except ConnectionError:
+                conn.close()
+                if reused and attempt == 0 and not isinstance(
+                        sys.exc_info()[1], ProtocolError):
+                    continue
+                raise
+            self.release(address, conn)
+            return reply
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+
+class rpc:
+    """``rpc(addr).get_data(keys=[...])`` sends ``{"op": "get_data", ...}`` and returns the reply."""
+
+    def __init__(self, address: str, pool: ConnectionPool | None = None) -> None:
+        self.address = format_address(*parse_address(address))
+        self.pool = pool or ConnectionPool()
+
+    def __getattr__(self, op: str) -> Callable[..., Any]:
+        if op.startswith("_"):
+            raise AttributeError(op)
+        return lambda **kwargs: self.pool.call(self.address, op, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Batched stream writes
+
+
+class BatchedSender:
+    """Send many small messages on one connection as lists, one frame per send.
+
+    ``send`` never blocks on the network: a writer thread takes everything
+    queued since its last write and sends it as one message.  Under load,
+    batches grow on their own; when idle, a message goes out at once.
+    """
+
+    def __init__(self, conn: Connection, name: str = "batched-sender") -> None:
+        self.conn = conn
+        self._buffer: list = []
+        self._cond = threading.Condition(threading.Lock())
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def send(self, msg: Any) -> None:
+        with self._cond:
+            self._buffer.append(msg)
+            if len(self._buffer) == 1:
+                self._cond.notify()
+
+    def send_many(self, msgs: Iterable[Any]) -> None:
+        with self._cond:
+            self._buffer.extend(msgs)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._buffer and not self._closing:
+                    self._cond.wait()
+                batch, self._buffer = self._buffer, []
+                if not batch and self._closing:
+                    return
+            try:
+                self.conn.send(batch)
+            except Exception as e:
+                if not self.conn.closed:
+                    logger.warning("stream to %s failed: %r", self.conn.peer, e)
+                self.conn.close()
+                with self._cond:
+                    self._buffer.clear()
+                    self._closing = True
+                return
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Flush what is queued (bounded by ``timeout``), then stop the writer."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+
+# ---------------------------------------------------------------------------
+# Servers
+
+
+class _ErrorReply:
+    """The reply sent when a handler raises (so the caller raises RemoteError)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+NO_REPLY = object()
+"""Returned by a handler that has answered (or taken over the connection) itself."""
+
+
+class _TCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 512
+
+    def __init__(self, address: tuple[str, int], owner: "Server") -> None:
+        self.owner = owner
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.exception("error on connection from %s", client_address)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.server.owner._serve_connection(self.request, self.client_address)
+
+
+class Server:
+    """A table of named operations served over authenticated connections.
+
+    Each connection gets a thread; each message ``{"op": name, **kwargs}``
+    calls ``handlers[name](conn, **kwargs)`` and sends back its return value.
+    A handler that returns ``NO_REPLY`` has answered itself or has taken the
+    connection over as a stream.  Bad bytes, failed handshakes and unknown
+    ops close that one connection with a log line; the server keeps serving.
+    """
+
+    def __init__(self, handlers: dict[str, Callable[..., Any]], *,
+                 security: Security | None = None, name: str = "server",
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        self.handlers = handlers
+        self.security = security or Security()
+        self.name = name
+        self.handshake_timeout = handshake_timeout
+        self._tcp: _TCPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._conns: set[Connection] = set()
+        self._conns_lock = threading.Lock()
+
+    def listen(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Bind and start serving in a background thread; returns the bound address."""
+        self._tcp = _TCPServer((host, port), self)
+        self._thread = threading.Thread(target=self._tcp.serve_forever,
+                                        kwargs={"poll_interval": 0.2},
+                                        name=f"{self.name}-accept", daemon=True)
+        self._thread.start()
+        return self._tcp.server_address[:2]
+
+    @property
+    def port(self) -> int:
+        assert self._tcp is not None
+        return self._tcp.server_address[1]
+
+    def _serve_connection(self, sock: socket.socket, client_address: Any) -> None:
+        peer = format_address(*client_address[:2])
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.handshake_timeout)
+        try:
+            if self.security.server_ssl is not None:
+                sock = self.security.server_ssl.wrap_socket(sock, server_side=True)
+            deliver_challenge(sock, self.security.auth_key)
+        except (OSError, ValueError) as e:
+            logger.warning("%s: dropped connection from %s: handshake failed: %s",
+                           self.name, peer, e)
+            sock.close()
+            return
+        sock.settimeout(None)
+        conn = Connection(sock, peer)
+        with self._conns_lock:
+            self._conns.add(conn)
+        try:
+            self._dispatch(conn)
+        finally:
+            with self._conns_lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _dispatch(self, conn: Connection) -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except ProtocolError as e:
+                logger.warning("%s: dropped connection from %s: %s", self.name, conn.peer, e)
+                return
+            except ConnectionError:
+                return
+            try:
+                op = msg.pop("op")
+                handler = self.handlers[op]
+            except (AttributeError, KeyError, TypeError):
+                logger.warning("%s: dropped connection from %s: not an operation: %.200r",
+                               self.name, conn.peer, msg)
+                return
+            try:
+                reply = handler(conn, **msg)
+            except ConnectionError:
+                return
+            except Exception as e:
+                logger.exception("%s: operation %r from %s failed", self.name, op, conn.peer)
+                reply = _ErrorReply(f"{type(e).__name__}: {e}")
+            if reply is NO_REPLY:
+                if conn.closed:
+                    return
+                continue
+            try:
+                conn.send(reply)
+            except ConnectionError:
+                return
+
+    def stop(self) -> None:
+        """Stop accepting and close every open connection."""
+        if self._tcp is not None:
+            self._tcp.shutdown()
+            self._tcp.server_close()
+            self._tcp = None
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            conn.close()
+
+
+def warn_if_exposed(host: str, security: Security, what: str) -> None:
+    """Warn loudly when binding beyond loopback without an auth key."""
+    if security.auth_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning(
+            "\n%s\n%s listens on %s WITHOUT an auth key: anyone who can reach this port "
+            "can run arbitrary code here (messages are pickles).\nSet MINIDIST_AUTH_KEY "
+            "or pass --auth-key-file.\n%s", "!" * 72, what, host, "!" * 72)

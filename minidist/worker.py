@@ -1,0 +1,451 @@
+"""The worker: holds data, runs tasks, serves its data to peers and clients.
+
+The following diagram shows the threads of one worker and what flows
+between them::
+
+  center  --compute, delete_data, cancel_compute-->  center-stream thread
+          <--task_finished, task_erred, add_keys---  BatchedSender    |
+                    ^                                                 |  inputs here?
+                    |                      yes                        v
+                    +---- task threads <---------- ready queue <--+--(...)
+                          (nthreads)                              |  no
+                                                                  v
+                                  fetch threads --get_data--> peer workers
+
+  peers, clients --get_data, update_data, delete_data--> Server (a thread per connection)
+
+Life of one task, ``compute(key, spec, who_has)`` from the center:
+
+1. The center-stream thread reads the batch.  If every input named in
+   ``who_has`` is already in ``data``, the task goes to the ready queue.
+2. Otherwise the missing inputs are fetched from their holders, one
+   ``get_data`` per holder, in parallel on the fetch threads; an input
+   already being fetched for another task is awaited, not fetched twice.
+   Fetched inputs are kept and reported to the center (``add_keys``) so
+   later tasks can use them here.  An input no holder can give is
+   reported as ``missing_data`` and the center reschedules.
+3. A task thread unpacks the RunSpec, swaps references for values and
+   calls the function.  The result stays in ``data``; the center hears
+   ``task_finished`` with its size, or ``task_erred`` with the pickled
+   exception and the traceback text.
+4. Clients and peers fetch the value with ``get_data`` when they need it;
+   the center sends ``delete_data`` when nobody needs it any more.
+
+If the center connection breaks, the worker keeps its data and dials
+again with backoff; on registering it reports every key it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import random
+import sys
+import threading
+import time
+from concurrent.futures import Future as _Future
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from . import wire
+from .cli import add_security_args, configure_logging, run_until_signalled, \
+    security_from_args
+from .task import RunSpec, pack_exception, run, sizeof
+from .wire import NO_REPLY, BatchedSender, Connection, ConnectionPool, Security
+
+logger = logging.getLogger("minidist.worker")
+
+
+class _TaskItem:
+    """A task received from the center, on its way to a task thread."""
+
+    __slots__ = ("key", "spec", "missing")
+
+    def __init__(self, key: Any, spec: RunSpec) -> None:
+        self.key = key
+        self.spec = spec
+        self.missing = 0  # inputs still being fetched
+
+
+class Worker:
+    """A worker process's state and threads.  ``start()`` serves and registers."""
+
+    def __init__(self, center_address: str, *, nthreads: int = 1, name: str | None = None,
+                 security: Security | None = None, contact_address: str | None = None,
+                 heartbeat_interval: float = 1.0, death_timeout: float | None = None) -> None:
+        self.center_address = wire.format_address(*wire.parse_address(center_address))
+        self.nthreads = max(1, int(nthreads))
+        self.name = name
+        self.security = security or Security()
+        self.contact_address = contact_address
+        self.heartbeat_interval = heartbeat_interval
+        self.death_timeout = death_timeout
+        self.address = ""
+        self.data: dict[Any, Any] = {}
+        self.nbytes: dict[Any, int] = {}
+        self.executed = 0
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled: set = set()
+        self._fetching: dict[Any, _Future] = {}
+        self._fetch_lock = threading.Lock()
+        self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
+        self._peers = ConnectionPool(self.security)
+        self._conn: Connection | None = None
+        self._sender: BatchedSender | None = None
+        self._registered = threading.Event()
+        self._stopping = threading.Event()
+        self._fatal: BaseException | None = None
+        self.server = wire.Server({
+            "get_data": self._get_data,
+            "update_data": self._update_data,
+            "delete_data": self._delete_data,
+            "keys": lambda conn: list(self.data),
+            "identity": lambda conn: {"type": "worker", "address": self.address,
+                                      "pid": os.getpid(), "nthreads": self.nthreads},
+        }, security=self.security, name="worker")
+        self._stream_ops = {
+            "compute": self._compute,
+            "delete_data": self._on_delete_data,
+            "cancel_compute": self._on_cancel,
+            "registered": lambda center=None: None,
+        }
+        self._bind_host = "127.0.0.1"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> str:
+        """Serve on ``host:port``, register with the center and start the task threads."""
+        wire.warn_if_exposed(host, self.security, "worker")
+        self._bind_host = host
+        self.server.listen(host, port)
+        for i in range(self.nthreads):
+            threading.Thread(target=self._task_loop, name=f"task-{i}", daemon=True).start()
+        threading.Thread(target=self._center_loop, name="center-stream", daemon=True).start()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not self._registered.wait(0.05):
+            if self._fatal is not None:
+                self.stop()
+                raise self._fatal
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"could not register with center {self.center_address} "
+                                   f"within {timeout}s")
+        return self.address
+
+    def stop(self) -> None:
+        """Tell the center we leave, then close everything."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        sender = self._sender
+        if sender is not None and self._registered.is_set():
+            sender.send({"op": "unregister"})
+            sender.close(timeout=2)
+        if self._conn is not None:
+            self._conn.close()
+        self.server.stop()
+        for _ in range(self.nthreads):
+            self._ready.put(None)
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self._peers.close()
+
+    # ------------------------------------------------------------------ center stream
+
+    def _center_loop(self) -> None:
+        delay = 0.05
+        lost_since = time.monotonic()
+        while not self._stopping.is_set():
+            try:
+                conn = self._register()
+            except wire.AuthenticationError as e:
+                logger.error("cannot register with center %s: %s", self.center_address, e)
+                self._fatal = e
+                return
+            except (ConnectionError, OSError) as e:
+                if self.death_timeout is not None and \
+                        time.monotonic() - lost_since > self.death_timeout:
+                    logger.error("center %s unreachable for %.0fs; giving up",
+                                 self.center_address, self.death_timeout)
+                    self._fatal = e
+                    os.kill(os.getpid(), 15)
+                    return
+                logger.info("center %s unreachable (%s); retrying in %.1fs",
+                            self.center_address, e, delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.05
+            self._serve_center(conn)
+            lost_since = time.monotonic()
+            if not self._stopping.is_set():
+                logger.warning("lost the center %s; reconnecting", self.center_address)
+
+    def _register(self) -> Connection:
+        conn = wire.connect(self.center_address, security=self.security)
+        if not self.address:
+            host, port = self._bind_host, self.server.port
+            if host in ("0.0.0.0", "", "::"):
+                host = conn.sock.getsockname()[0]
+            self.address = self.contact_address or wire.format_address(host, port)
+        conn.send({"op": "register_worker", "address": self.address,
+                   "nthreads": self.nthreads, "name": self.name or self.address,
+                   "data": dict(self.nbytes), "pid": os.getpid()})
+        batch = conn.recv()
+        if not batch or batch[0].get("op") != "registered":
+            conn.close()
+            raise ConnectionError(f"unexpected registration reply {batch!r:.200}")
+        # Tasks queued for the previous registration were rescheduled by the center.
+        self._drain_ready()
+        self._conn = conn
+        self._sender = BatchedSender(conn, name="worker->center")
+        self._registered.set()
+        for msg in batch[1:]:
+            self._dispatch(msg)
+        return conn
+
+    def _serve_center(self, conn: Connection) -> None:
+        while True:
+            try:
+                batch = conn.recv()
+            except ConnectionError:
+                break
+            for msg in batch:
+                self._dispatch(msg)
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.close(timeout=0)
+        conn.close()
+
+    def _dispatch(self, msg: dict) -> None:
+        op = msg.pop("op")
+        try:
+            self._stream_ops[op](**msg)
+        except Exception:
+            logger.exception("failed to handle %r from the center", op)
+
+    def _send(self, msg: dict) -> None:
+        sender = self._sender
+        if sender is not None:
+            sender.send(msg)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopping.wait(self.heartbeat_interval):
+            self._send({"op": "heartbeat"})
+
+    def _drain_ready(self) -> None:
+        while True:
+            try:
+                item = self._ready.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                self._ready.put(None)
+                return
+
+    # ------------------------------------------------------------------ center ops
+
+    def _compute(self, key: Any, spec: RunSpec, who_has: dict) -> None:
+        if key in self.data:
+            self._send({"op": "task_finished", "key": key, "nbytes": self.nbytes.get(key, 0)})
+            return
+        item = _TaskItem(key, spec)
+        missing = {dep: holders for dep, holders in who_has.items() if dep not in self.data}
+        if not missing:
+            self._ready.put(item)
+            return
+        item.missing = len(missing)
+        for fut in self._fetch_futures(missing):
+            fut.add_done_callback(lambda f, item=item: self._input_arrived(item, f))
+
+    def _on_delete_data(self, keys: list) -> None:
+        for key in keys:
+            self.data.pop(key, None)
+            self.nbytes.pop(key, None)
+
+    def _on_cancel(self, key: Any) -> None:
+        self._cancelled.add(key)
+
+    # ------------------------------------------------------------------ fetching inputs
+
+    def _fetch_futures(self, missing: dict) -> list[_Future]:
+        """One future per missing input; inputs already in flight are shared."""
+        futures, groups = [], {}
+        with self._fetch_lock:
+            for dep, holders in missing.items():
+                fut = self._fetching.get(dep)
+                if fut is None:
+                    fut = self._fetching[dep] = _Future()
+                    holder = random.choice(holders) if holders else None
+                    groups.setdefault(holder, []).append((dep, holders))
+                futures.append(fut)
+        for holder, deps in groups.items():
+            self._fetch_pool.submit(self._fetch_group, holder, deps)
+        return futures
+
+    def _fetch_group(self, holder: str | None, deps: list) -> None:
+        got: dict = {}
+        errors: dict = {}
+        if holder is not None:
+            got, errors = self._get_from(holder, [dep for dep, _ in deps])
+        for dep, holders in deps:
+            if dep not in got and dep not in errors:
+                for other in holders:  # try the other holders one by one
+                    if other == holder:
+                        continue
+                    more, errs = self._get_from(other, [dep])
+                    got.update(more)
+                    errors.update(errs)
+                    if dep in got or dep in errors:
+                        break
+        added = {}
+        for dep, holders in deps:
+            with self._fetch_lock:
+                fut = self._fetching.pop(dep)
+            if dep in got:
+                value = got[dep]
+                if dep not in self.data:
+                    self.data[dep] = value
+                    self.nbytes[dep] = added[dep] = sizeof(value)
+                fut.set_result(None)
+            elif dep in errors:
+                fut.set_exception(_InputError(dep, holders, errors[dep]))
+            else:
+                fut.set_exception(_InputError(dep, holders, None))
+        if added:
+            self._send({"op": "add_keys", "keys": added})
+
+    def _get_from(self, holder: str, keys: list) -> tuple[dict, dict]:
+        try:
+            reply = self._peers.call(holder, "get_data", keys=keys)
+        except (ConnectionError, wire.RemoteError, OSError) as e:
+            logger.info("could not fetch %d keys from %s: %s", len(keys), holder, e)
+            return {}, {}
+        got = {}
+        for key, blob in reply["data"].items():
+            got[key] = wire.deserialize(blob)
+        return got, reply.get("errors", {})
+
+    def _input_arrived(self, item: _TaskItem, fut: _Future) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            if item.missing <= 0:
+                return  # already failed for another input
+            item.missing = -1
+            if exc.error is not None:  # the holder could not serialize it: an error, not a loss
+                blob, tb = exc.error
+                self._send({"op": "task_erred", "key": item.key, "exception": blob,
+                            "traceback": tb})
+            else:
+                self._send({"op": "missing_data", "key": item.key, "dep": exc.key,
+                            "holders": exc.holders})
+            return
+        item.missing -= 1
+        if item.missing == 0:
+            self._ready.put(item)
+
+    # ------------------------------------------------------------------ running tasks
+
+    def _task_loop(self) -> None:
+        while True:
+            item = self._ready.get()
+            if item is None:
+                return
+            if item.key in self._cancelled:
+                self._cancelled.discard(item.key)
+                continue
+            self._execute(item)
+
+    def _execute(self, item: _TaskItem) -> None:
+        key = item.key
+        try:
+            result = run(item.spec, self.data)
+        except BaseException as e:  # a task must never take a worker thread down
+            blob, tb = pack_exception(e)
+            self._send({"op": "task_erred", "key": key, "exception": blob, "traceback": tb})
+            return
+        finally:
+            self.executed += 1
+            self._cancelled.discard(key)
+        self.data[key] = result
+        nbytes = self.nbytes[key] = sizeof(result)
+        self._send({"op": "task_finished", "key": key, "nbytes": nbytes})
+
+    # ------------------------------------------------------------------ peer / client ops
+
+    def _get_data(self, conn: Connection, keys: list) -> dict:
+        data, errors, missing = {}, {}, []
+        for key in keys:
+            try:
+                value = self.data[key]
+            except KeyError:
+                missing.append(key)
+                continue
+            try:
+                data[key] = wire.serialize(value)
+            except Exception as e:
+                err = TypeError(f"result of {key!r} ({type(value).__qualname__}) cannot be "
+                                f"pickled: {e}")
+                errors[key] = pack_exception(err)
+                self._send({"op": "data_erred", "key": key, "exception": errors[key][0],
+                            "traceback": errors[key][1]})
+        return {"data": data, "errors": errors, "missing": missing}
+
+    def _update_data(self, conn: Connection, data: dict) -> dict:
+        nbytes = {}
+        for key, blob in data.items():
+            value = wire.deserialize(blob)
+            self.data[key] = value
+            nbytes[key] = self.nbytes[key] = sizeof(value)
+        return nbytes
+
+    def _delete_data(self, conn: Connection, keys: list) -> None:
+        self._on_delete_data(keys)
+
+
+class _InputError(Exception):
+    def __init__(self, key: Any, holders: list, error: Any) -> None:
+        super().__init__(key)
+        self.key, self.holders, self.error = key, holders, error
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m minidist.worker HOST:PORT`` / ``dworker``."""
+    parser = argparse.ArgumentParser(prog="dworker", description="Start a minidist worker.")
+    parser.add_argument("center", help="address of the center, HOST:PORT")
+    parser.add_argument("--nthreads", type=int, default=1, help="task threads (default 1)")
+    parser.add_argument("--host", default=None,
+                        help="interface to bind (default 127.0.0.1, or 0.0.0.0 with an auth key)")
+    parser.add_argument("--port", type=int, default=0, help="port to serve data on (0: any)")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--contact-address", default=None,
+                        help="HOST:PORT that peers and clients should dial (NAT, containers)")
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0)
+    parser.add_argument("--death-timeout", type=float, default=None,
+                        help="exit when the center is unreachable this many seconds")
+    parser.add_argument("--log-level", default="warning")
+    add_security_args(parser)
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    security = security_from_args(args)
+    host = args.host or ("0.0.0.0" if security.auth_key else "127.0.0.1")
+    worker = Worker(args.center, nthreads=args.nthreads, name=args.name, security=security,
+                    contact_address=args.contact_address,
+                    heartbeat_interval=args.heartbeat_interval,
+                    death_timeout=args.death_timeout)
+    try:
+        address = worker.start(host, args.port,
+                               timeout=args.death_timeout or float("inf"))
+    except (OSError, TimeoutError) as e:
+        print(f"cannot start worker: {e}", file=sys.stderr)
+        return 1
+    print(f"Start worker at:            {address}", flush=True)
+    print(f"Registered with center at:  {worker.center_address}", flush=True)
+    run_until_signalled(worker.stop, args.exit_on_stdin_close)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Shared fixtures: real clusters on 127.0.0.1, and a check that no process outlives the suite.
+
+Every process a test starts inherits ``MINIDIST_TEST_SESSION``; at the end
+of the session no live process may still carry it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import Callable
+
+import pytest
+
+from minidist import Client, Executor, LocalCluster
+
+SESSION_MARK = f"minidist-test-{uuid.uuid4().hex}"
+os.environ["MINIDIST_TEST_SESSION"] = SESSION_MARK
+
+
+def marked_pids(mark: str = SESSION_MARK) -> list[int]:
+    """PIDs of live processes whose environment carries ``mark`` (other than this one)."""
+    found = []
+    needle = f"MINIDIST_TEST_SESSION={mark}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue  # a zombie has already exited
+        except OSError:
+            continue
+        found.append(int(entry))
+    return found
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+             message: str = "condition") -> object:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_processes():
+    yield
+    deadline = time.monotonic() + 10
+    while marked_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not marked_pids(), f"processes left behind: {marked_pids()}"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A LocalCluster with 2 single-thread workers, shared by one test module."""
+    with LocalCluster(n_workers=2, threads_per_worker=1) as c:
+        yield c
+
+
+@pytest.fixture
+def e(cluster):
+    """A fresh Executor on the module's cluster."""
+    with Executor(cluster) as ex:
+        yield ex
+
+
+@pytest.fixture
+def c(cluster):
+    """A fresh Client on the module's cluster."""
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+class Proc:
+    """A process started by a test, with its ready lines parsed."""
+
+    def __init__(self, popen: subprocess.Popen, lines: list[str]) -> None:
+        self.popen = popen
+        self.lines = lines
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def address(self) -> str:
+        for line in self.lines:
+            if line.startswith(("Start center at", "Start worker at")):
+                return line.split()[-1]
+        raise AssertionError(f"no address in {self.lines}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(timeout)
+        finally:
+            if self.popen.poll() is None:
+                self.popen.kill()
+                self.popen.wait()
+            for pipe in (self.popen.stdout, self.popen.stderr):
+                if pipe:
+                    pipe.close()
+
+
+@pytest.fixture
+def spawn():
+    """Start ``python -m minidist.<role> ...``; waits for its ready lines; ends it by PID."""
+    procs: list[Proc] = []
+
+    def start(role: str, *args: str, ready: str | None = None, env: dict | None = None,
+              timeout: float = 20.0) -> Proc:
+        ready = ready or ("Start center at" if role == "center" else "Registered with center")
+        popen = subprocess.Popen([sys.executable, "-m", f"minidist.{role}", *args],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, **(env or {})})
+        proc = Proc(popen, [])
+        procs.append(proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = popen.stdout.readline()
+            if not line:
+                raise AssertionError(f"{role} exited ({popen.wait()}): {popen.stderr.read()}")
+            proc.lines.append(line.rstrip("\n"))
+            if line.startswith(ready):
+                return proc
+        raise AssertionError(f"{role} not ready within {timeout}s: {proc.lines}")
+
+    yield start
+    for proc in procs:
+        proc.stop(signal.SIGKILL if proc.popen.poll() is None else signal.SIGTERM)
