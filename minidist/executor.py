@@ -269,24 +269,35 @@ class Executor(concurrent.futures.Executor):
     def _submit_many(self, fn: Callable, calls: Iterable[tuple[tuple, dict]],
                      keys: Iterable[Any] | None, pure: bool, opts: dict | None) -> list[Future]:
         name = funcname(fn)
-        tasks, futures, holders = [], [], []
+        tasks = []
         for (args, kwargs), key in zip(calls, keys or itertools.repeat(None)):
             spec, deps = pack(fn, args, kwargs)
             if key is None:
                 key = f"{name}-{_token(spec) if pure else uuid.uuid4()}"
             tasks.append((key, spec, tuple(deps), opts))
-            holders.append(deps)
+        return self._send_tasks(tasks, [t[0] for t in tasks])
+
+    def _send_tasks(self, tasks: list[tuple], wants: list) -> list[Future]:
+        """Send packed tasks ``(key, RunSpec, dep_keys, opts)``; one Future per key in ``wants``.
+
+        This is what ``submit``, ``map``, Pool and the dask scheduler share:
+        tasks may depend on each other and on keys already on the cluster;
+        tasks whose keys this session already wants are not sent again.
+        Only the keys in ``wants`` are held (and so kept) for the caller;
+        the others live while a wanted task still needs them.
+        """
         with self._lock:
             self._check_open()
-            new = []
-            for task in tasks:
-                future, fresh = self._new_future(task[0])
+            futures = []
+            fresh = set()
+            for key in wants:
+                future, is_new = self._new_future(key)
                 futures.append(future)
-                if fresh:
-                    new.append(task)
-            if new:
-                self._sender.send({"op": "update_graph", "tasks": new,
-                                   "wants": [t[0] for t in new]})
+                if is_new:
+                    fresh.add(key)
+            new = [t for t in tasks if t[0] in fresh or t[0] not in self._keys]
+            if new or fresh:
+                self._sender.send({"op": "update_graph", "tasks": new, "wants": list(fresh)})
         return futures
 
     def _new_future(self, key: Any) -> tuple[Future, bool]:
@@ -524,7 +535,8 @@ class Executor(concurrent.futures.Executor):
                     generations[key] = info.generation
                     if info.who_has:
                         by_worker[random.choice(info.who_has)].append(key)
-            failed = [k for k in remaining if not any(k in ks for ks in by_worker.values())]
+            located = {k for ks in by_worker.values() for k in ks}
+            failed = [k for k in remaining if k not in located]
             for address, got, missing in self._map_parallel(
                     lambda item: self._get_data(*item), list(by_worker.items())):
                 results.update(got)

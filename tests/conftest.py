@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import Callable
 
+import cloudpickle
 import pytest
 
 from minidist import Client, Executor, LocalCluster
@@ -53,6 +54,19 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def _ship_test_functions_by_value(request):
+    """Workers cannot import test modules: ship their functions by value, as for ``__main__``."""
+    module = request.module
+    if module.__name__ not in _registered:
+        cloudpickle.register_pickle_by_value(module)
+        _registered.add(module.__name__)
+    yield
+
+
+_registered: set[str] = set()
 
 
 @pytest.fixture(scope="session", autouse=True)
