@@ -248,6 +248,7 @@ class Worker:
     # ------------------------------------------------------------------ center ops
 
     def _compute(self, key: Any, spec: RunSpec, who_has: dict) -> None:
+        self._cancelled.discard(key)  # a new assignment overrides an earlier cancel
         if key in self.data:
             self._send({"op": "task_finished", "key": key, "nbytes": self.nbytes.get(key, 0)})
             return
