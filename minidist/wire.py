@@ -301,10 +301,13 @@ def write_frames(sock: socket.socket, frames: list) -> None:
             pending.pop(0)
 
 
-def _read_exact(rfile: Any, n: int) -> bytes:
+def _read_exact(rfile: Any, n: int, first: bool = False) -> bytes:
     data = rfile.read(n)
     if data is None or len(data) != n:
-        raise ConnectionError("connection closed by peer")
+        if first and not data:  # EOF between messages: a clean close
+            raise ConnectionError("connection closed by peer")
+        raise ProtocolError(f"truncated message: connection closed after {len(data or b'')} "
+                            f"of {n} bytes")
     return data
 
 
@@ -313,14 +316,20 @@ def _readinto_exact(rfile: Any, buf: bytearray) -> None:
     while view.nbytes:
         n = rfile.readinto(view)
         if not n:
-            raise ConnectionError("connection closed by peer")
+            raise ProtocolError(f"truncated message: connection closed {view.nbytes} bytes "
+                                "before the end of a frame")
         view = view[n:]
 
 
 def read_frames(rfile: Any, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list:
-    """Read one message's frames from a buffered reader, checking every length first."""
-    (count,) = _COUNT.unpack(_read_exact(rfile, 4))
-    if not 0 < count <= MAX_FRAMES:
+    """Read one message's frames from a buffered reader, checking every length first.
+
+    Raises ConnectionError on EOF between messages and ProtocolError on
+    anything else that is not a whole, well-formed message (EOF inside one
+    included).
+    """
+    (count,) = _COUNT.unpack(_read_exact(rfile, 4, first=True))
+    if not 0 < count <= MAX_FRAMES or 8 * count > max_frame_bytes:
         raise ProtocolError(f"bad frame count {count}")
     lengths = struct.unpack(f"!{count}Q", _read_exact(rfile, 8 * count))
     sizes = [length & ~_WRITABLE for length in lengths]
