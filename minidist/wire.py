@@ -396,6 +396,9 @@ def answer_challenge(sock: socket.socket, key: bytes | None, peer: str) -> None:
     sock.sendall(_HELLO.pack(MAGIC, VERSION, _FLAG_HAS_KEY if key else 0))
     status = _recv_exact(sock, 1)[0]
     if status == _OK:
+        if key:  # a real server with a key never waives the proof: this one cannot give it
+            raise AuthenticationError(
+                f"{peer} did not prove it holds the auth key (it claims to need none)")
         return
     if status == _NEEDS_KEY:
         raise AuthenticationError(
