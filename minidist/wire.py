@@ -504,10 +504,15 @@ def connect(address: str | tuple[str, int], *, timeout: float = 10.0,
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
         raise ConnectionError(f"cannot connect to {peer}: {e}") from e
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if security.client_ssl is not None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if security.client_ssl is not None:
+        try:
             sock = security.client_ssl.wrap_socket(sock)
+        except OSError as e:  # SSLError, or a reset from a server that does not speak TLS
+            sock.close()
+            raise ConnectionError(f"TLS handshake with {peer} failed (is it a TLS server that "
+                                  f"trusts this client's certificate?): {e}") from e
+    try:
         answer_challenge(sock, security.auth_key, peer)
     except ssl.SSLError as e:
         sock.close()
