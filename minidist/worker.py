@@ -442,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, TimeoutError) as e:
         print(f"cannot start worker: {e}", file=sys.stderr)
         return 1
+    if security.auth_key is None:
+        logger.warning("no auth key: listening on %s only", host)
     print(f"Start worker at:            {address}", flush=True)
     print(f"Registered with center at:  {worker.center_address}", flush=True)
     run_until_signalled(worker.stop, args.exit_on_stdin_close)
