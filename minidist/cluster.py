@@ -26,7 +26,7 @@ import weakref
 from typing import Any
 
 from . import wire
-from .executor import local_cluster_security
+from .executor import close_shared_sessions, local_cluster_security
 from .wire import Security
 
 logger = logging.getLogger("minidist.cluster")
@@ -211,6 +211,7 @@ class LocalCluster:
             self._closed = True
             workers, self.workers = self.workers, []
         local_cluster_security.pop(self.address, None)
+        close_shared_sessions(self.address)
         self._terminate(workers, timeout)
         if self.center is not None:
             self._terminate([self.center], timeout)
