@@ -294,6 +294,29 @@ def _priorities(dsk: dict, is_dask: bool) -> dict | None:
         return None
 
 
+def _check_acyclic(exprs: dict) -> None:
+    """Raise ValueError if the graph's keys depend on each other in a cycle."""
+    waiting = {}
+    dependents: dict[Any, list] = {}
+    for key, (_, deps) in exprs.items():
+        inner = [d for d in deps if d in exprs]
+        waiting[key] = len(inner)
+        for dep in inner:
+            dependents.setdefault(dep, []).append(key)
+    ready = [k for k, n in waiting.items() if n == 0]
+    while ready:
+        key = ready.pop()
+        del waiting[key]
+        for child in dependents.get(key, ()):
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                ready.append(child)
+    if waiting:
+        stuck = ", ".join(repr(k) for k in list(waiting)[:5])
+        raise ValueError(f"the graph has a cycle: {len(waiting)} keys wait on each other "
+                         f"(among them {stuck})")
+
+
 def graph_to_tasks(dsk: Any, wants: list) -> tuple[list, list]:
     """Pack a graph: ``(tasks, wants)`` ready for ``Executor._send_tasks``.
 
@@ -307,6 +330,7 @@ def graph_to_tasks(dsk: Any, wants: list) -> tuple[list, list]:
     for key, value in dsk.items():
         convert.deps = {}
         exprs[key] = (to_expr(value), tuple(convert.deps))
+    _check_acyclic(exprs)
     priority = _priorities(dsk, is_dask)
     if priority is not None:
         last = len(priority)

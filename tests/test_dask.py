@@ -136,6 +136,17 @@ def test_errors_keep_their_type(hp):
     assert get(host, port, {"ok": (inc, 1)}, "ok") == 2  # still serving
 
 
+def test_bad_graphs_get_a_clear_error(hp):
+    host, port = hp
+    with pytest.raises(ValueError, match="cycle"):
+        get(host, port, {"cy-a": (inc, "cy-b"), "cy-b": (inc, "cy-a"), "cy-c": 1}, "cy-a")
+    with pytest.raises(ValueError, match="cycle"):
+        get(host, port, {"cy-self": (inc, "cy-self")}, "cy-self")
+    with pytest.raises(TypeError):
+        get(host, port, 42, "x")
+    assert get(host, port, {"cy-a": 1, "cy-b": (inc, "cy-a")}, "cy-b") == 2
+
+
 def test_connection_options(hp, cluster):
     host, port = hp
     with pytest.raises(AuthenticationError):
