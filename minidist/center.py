@@ -80,6 +80,12 @@ SCHEDULED = (QUEUED, PROCESSING, NO_WORKER)
 SMALL_MOVE = 256 * 1024
 """Move inputs up to this size to an idle worker rather than wait for a busy holder."""
 
+PREFETCH_SECONDS = 0.005
+"""Queue about this much work on a worker beyond its running tasks (at least 1, at most
+``MAX_PREFETCH`` tasks a thread): enough to hide a round trip, small enough that the
+rest waits at the center where any worker can take it."""
+MAX_PREFETCH = 64
+
 
 class TaskState:
     """One key as the scheduler knows it.  Sets are created only when needed."""
@@ -117,14 +123,17 @@ class WorkerState:
     """A registered worker: its stream, capacity and what it holds and runs."""
 
     __slots__ = ("address", "name", "nthreads", "conn", "sender", "processing", "pending",
-                 "has_what", "nbytes", "last_seen", "pid", "capacity")
+                 "has_what", "nbytes", "last_seen", "pid", "capacity", "min_prefetch",
+                 "duration")
 
     def __init__(self, address: str, name: str, nthreads: int, conn: Connection,
                  sender: BatchedSender, pid: int | None, prefetch: int) -> None:
         self.address = address
         self.name = name
         self.nthreads = nthreads
+        self.min_prefetch = prefetch
         self.capacity = nthreads + prefetch
+        self.duration = 0.0  # moving average of task run time, seconds
         self.conn = conn
         self.sender = sender
         self.processing: dict[TaskState, None] = {}  # ordered: first ones are running
@@ -136,6 +145,13 @@ class WorkerState:
 
     def has_slot(self) -> bool:
         return len(self.processing) < self.capacity
+
+    def observe(self, duration: float) -> None:
+        """Update the task-duration average and the prefetch depth it implies."""
+        self.duration = duration if not self.duration else 0.8 * self.duration + 0.2 * duration
+        per_thread = int(PREFETCH_SECONDS / max(self.duration, 1e-5))
+        prefetch = max(self.min_prefetch, min(MAX_PREFETCH, per_thread) * self.nthreads)
+        self.capacity = self.nthreads + prefetch
 
     def occupancy(self) -> float:
         return len(self.processing) / self.nthreads
@@ -176,7 +192,7 @@ class Center:
     """The center process's state and threads.  ``start()`` binds and serves."""
 
     def __init__(self, *, security: Security | None = None, heartbeat_timeout: float = 5.0,
-                 allowed_failures: int = 3, prefetch: int = 2) -> None:
+                 allowed_failures: int = 3, prefetch: int = 1) -> None:
         self.security = security or Security()
         self.heartbeat_timeout = heartbeat_timeout
         self.allowed_failures = allowed_failures
@@ -423,7 +439,9 @@ class Center:
 
     # ------------------------------------------------------------------ worker messages
 
-    def _on_task_finished(self, ws: WorkerState, key: Any, nbytes: int = 0) -> None:
+    def _on_task_finished(self, ws: WorkerState, key: Any, nbytes: int = 0,
+                          duration: float = 0.0) -> None:
+        ws.observe(duration)
         ts = self.tasks.get(key)
         if ts is None or ts.state in (RELEASED, ERRED, LOST):
             ws.sender.send({"op": "delete_data", "keys": [key]})

@@ -590,24 +590,59 @@ class rpc:
 class BatchedSender:
     """Send many small messages on one connection as lists, one frame per send.
 
-    ``send`` never blocks on the network: a writer thread takes everything
-    queued since its last write and sends it as one message.  Under load,
-    batches grow on their own; when idle, a message goes out at once.
+    By default ``send`` never blocks on the network: a writer thread takes
+    everything queued since its last write and sends it as one message.
+    Under load, batches grow on their own; when idle, a message goes out at
+    once.  With ``inline=True`` there is no writer thread: a caller that finds
+    the stream idle writes itself (one thread hop fewer), and messages that
+    arrive meanwhile are flushed by it in the same way.
     """
 
-    def __init__(self, conn: Connection, name: str = "batched-sender") -> None:
+    def __init__(self, conn: Connection, name: str = "batched-sender",
+                 inline: bool = False) -> None:
         self.conn = conn
         self._buffer: list = []
         self._cond = threading.Condition(threading.Lock())
         self._closing = False
+        self._inline = inline
+        self._busy = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        if not inline:
+            self._thread.start()
 
     def send(self, msg: Any) -> None:
         with self._cond:
             self._buffer.append(msg)
-            if len(self._buffer) == 1:
-                self._cond.notify()
+            if self._inline:
+                if self._busy or self._closing:
+                    return
+                self._busy = True
+            else:
+                if len(self._buffer) == 1:
+                    self._cond.notify()
+                return
+        self._flush_inline()
+
+    def _flush_inline(self) -> None:
+        while True:
+            with self._cond:
+                batch, self._buffer = self._buffer, []
+                if not batch or self._closing and self.conn.closed:
+                    self._busy = False
+                    self._cond.notify_all()
+                    return
+            try:
+                self.conn.send(batch)
+            except Exception as e:
+                if not self.conn.closed:
+                    logger.warning("stream to %s failed: %r", self.conn.peer, e)
+                self.conn.close()
+                with self._cond:
+                    self._buffer.clear()
+                    self._busy = False
+                    self._closing = True
+                    self._cond.notify_all()
+                return
 
     def send_many(self, msgs: Iterable[Any]) -> None:
         with self._cond:
@@ -635,6 +670,17 @@ class BatchedSender:
 
     def close(self, timeout: float = 2.0) -> None:
         """Flush what is queued (bounded by ``timeout``), then stop the writer."""
+        if self._inline:
+            with self._cond:
+                self._cond.wait_for(lambda: not self._busy, timeout)
+                if self._buffer and not self._busy:
+                    self._busy = True
+                else:
+                    self._closing = True
+                    return
+            self._flush_inline()
+            self._closing = True
+            return
         with self._cond:
             self._closing = True
             self._cond.notify()

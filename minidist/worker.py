@@ -200,7 +200,7 @@ class Worker:
         # Tasks queued for the previous registration were rescheduled by the center.
         self._drain_ready()
         self._conn = conn
-        self._sender = BatchedSender(conn, name="worker->center")
+        self._sender = BatchedSender(conn, name="worker->center", inline=True)
         self._registered.set()
         for msg in batch[1:]:
             self._dispatch(msg)
@@ -360,6 +360,7 @@ class Worker:
 
     def _execute(self, item: _TaskItem) -> None:
         key = item.key
+        start = time.perf_counter()
         try:
             result = run(item.spec, self.data)
         except BaseException as e:  # a task must never take a worker thread down
@@ -371,7 +372,8 @@ class Worker:
             self._cancelled.discard(key)
         self.data[key] = result
         nbytes = self.nbytes[key] = sizeof(result)
-        self._send({"op": "task_finished", "key": key, "nbytes": nbytes})
+        self._send({"op": "task_finished", "key": key, "nbytes": nbytes,
+                    "duration": time.perf_counter() - start})
 
     # ------------------------------------------------------------------ peer / client ops
 
