@@ -101,9 +101,8 @@ class LocalCluster:
         _clusters.add(self)
         try:
             self.center = self._spawn("center", center_args)
-            pending = [self._spawn_worker(threads_per_worker) for _ in range(n_workers)]
-            self._wait_ready([self.center, *pending])
-            self.workers.extend(pending)
+            self.workers = [self._spawn_worker(threads_per_worker) for _ in range(n_workers)]
+            self._wait_ready([self.center, *self.workers])
         except BaseException:
             self.close()
             raise
