@@ -159,8 +159,9 @@ def _flat(expr: Any) -> Any:
 class _Converter:
     """Turns graph nodes into expressions, collecting each node's dependencies."""
 
-    def __init__(self, dsk: Mapping) -> None:
+    def __init__(self, dsk: Mapping, spec: Any = None) -> None:
         self.dsk = dsk
+        self.spec = spec  # the dask._task_spec module, for dask graphs
         self.deps: dict[Any, None] = {}
 
     def ref(self, key: Any) -> _Ref:
@@ -207,29 +208,27 @@ class _Converter:
     # dask task-spec graphs
 
     def node(self, node: Any) -> Any:
-        from dask._task_spec import Alias, DataNode, Dict, NestedContainer, Task
+        spec = self.spec
         typ = type(node)
-        if typ is Alias:
+        if typ is spec.Alias:
             return self.ref(node.target)
-        if typ is DataNode:
+        if typ is spec.DataNode:
             return self.handles(node.value)
-        if typ is Task:
+        if typ is spec.Task:
             return _Call(node.func, tuple(self.arg(a) for a in node.args),
                          {k: self.arg(v) for k, v in node.kwargs.items()})
-        if isinstance(node, NestedContainer) and typ.__module__ == NestedContainer.__module__:
+        if typ in (spec.List, spec.Tuple, spec.Set):
+            return _Seq(node.klass, [self.arg(a) for a in node.args])
+        if typ is spec.Dict:
             items = [self.arg(a) for a in node.args]
-            if isinstance(node, Dict):
-                return _Map(list(zip(items[::2], items[1::2])))
-            return _Seq(node.klass, items)
+            return _Map(list(zip(items[::2], items[1::2])))
         values = _Map([(k, self.ref(k)) for k in node.dependencies])
         return _Call(_call_node, (node, values), {})
 
     def arg(self, obj: Any) -> Any:
-        from dask._task_spec import GraphNode
-        from dask._task_spec import TaskRef as DaskRef
-        if isinstance(obj, GraphNode):
+        if isinstance(obj, self.spec.GraphNode):
             return self.node(obj)
-        if isinstance(obj, DaskRef):
+        if isinstance(obj, self.spec.TaskRef):
             return self.ref(obj.key)
         return self.handles(obj)
 
@@ -270,16 +269,16 @@ def _is_dask_graph(dsk: Any) -> bool:
     return any(isinstance(v, spec.GraphNode) for v in dsk.values())
 
 
-def _normalize(dsk: Any) -> tuple[dict, bool]:
-    """The graph as a dict, and whether it is made of dask task-spec nodes."""
+def _normalize(dsk: Any) -> tuple[dict, Any]:
+    """The graph as a dict, and the dask._task_spec module if it is a dask graph."""
     if not isinstance(dsk, Mapping):
         if not hasattr(dsk, "__dask_graph__"):
             raise TypeError(f"expected a dask graph (a mapping), got {type(dsk).__name__}")
         dsk = dsk.__dask_graph__()
     if not _is_dask_graph(dsk):
-        return dict(dsk), False
-    from dask._task_spec import convert_legacy_graph
-    return convert_legacy_graph(dict(dsk)), True
+        return dict(dsk), None
+    from dask import _task_spec
+    return _task_spec.convert_legacy_graph(dict(dsk)), _task_spec
 
 
 def _priorities(dsk: dict, is_dask: bool) -> dict | None:
@@ -323,15 +322,15 @@ def graph_to_tasks(dsk: Any, wants: list) -> tuple[list, list]:
     With dask's priorities, tasks, their dependencies and the wanted keys are
     ordered so that the center activates (and queues) them in that order.
     """
-    dsk, is_dask = _normalize(dsk)
-    convert = _Converter(dsk)
-    to_expr = convert.node if is_dask else convert.raw
+    dsk, spec = _normalize(dsk)
+    convert = _Converter(dsk, spec)
+    to_expr = convert.raw if spec is None else convert.node
     exprs = {}
     for key, value in dsk.items():
         convert.deps = {}
         exprs[key] = (to_expr(value), tuple(convert.deps))
     _check_acyclic(exprs)
-    priority = _priorities(dsk, is_dask)
+    priority = _priorities(dsk, spec is not None)
     if priority is not None:
         last = len(priority)
         rank = lambda k: priority.get(k, last)  # noqa: E731

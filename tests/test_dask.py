@@ -243,6 +243,10 @@ def test_dask_delayed_matches_the_synchronous_scheduler(hp):
     assert out.compute(scheduler=sched) == out.compute(scheduler="sync") == 99
     assert dask.compute(out, nested, scheduler=sched) == \
         dask.compute(out, nested, scheduler="sync")
+    containers = dask.delayed(lambda d, s: (d["a"] + d["b"][0], sorted(s)))(
+        {"a": parts[0], "b": [parts[1]]}, {parts[2], parts[3]})
+    assert containers.compute(scheduler=sched) == containers.compute(scheduler="sync") == \
+        (3, [3, 4])
 
 
 # ---------------------------------------------------------------------- Client / Executor
