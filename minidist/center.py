@@ -31,11 +31,12 @@ Life of one task, ``e.submit(inc, 1)``:
 3. Activation walks dependencies: a task waits until every input is in
    memory, then is *ready*.  A ready task goes to the worker where the
    fewest input bytes must move (ties: the least busy), if that worker has
-   a free slot (``nthreads + prefetch``); otherwise it waits at the center,
-   in that worker's pending queue or, with no inputs, in the global queue.
-   Workers take from these queues as slots free up (and steal from long
-   pending queues when idle), so a worker that joins mid-job gets work at
-   once.
+   a free slot (``nthreads`` plus a prefetch worth a few milliseconds of
+   work); otherwise it waits at the center, in that worker's pending queue
+   or, with no inputs, in the global queue.  Workers take from these queues
+   as slots free up, and an idle worker steals from a pending queue longer
+   than its owner's capacity, so a worker that joins mid-job gets work at
+   once while work on data still runs where the data is.
 4. The worker runs it and sends ``task_finished``; the task goes to
    ``memory``, the client gets a ``memory`` event naming the holders and
    fetches the bytes from the worker itself when asked.  Dependents whose
@@ -77,8 +78,8 @@ RELEASED, WAITING, QUEUED, PROCESSING, MEMORY, ERRED, LOST, NO_WORKER = (
     "released", "waiting", "queued", "processing", "memory", "erred", "lost", "no-worker")
 SCHEDULED = (QUEUED, PROCESSING, NO_WORKER)
 
-SMALL_MOVE = 256 * 1024
-"""Move inputs up to this size to an idle worker rather than wait for a busy holder."""
+STEAL_BYTES = 1 << 20
+"""An idle worker may take a task from another's long backlog if its inputs are this small."""
 
 PREFETCH_SECONDS = 0.005
 """Queue about this much work on a worker beyond its running tasks (at least 1, at most
@@ -795,14 +796,8 @@ class Center:
         best = min(candidates, key=lambda ws: (cost(ts, ws), ws.occupancy()))
         if best.has_slot():
             self._assign(ts, best)
-            return
-        free = [ws for ws in candidates if ws.has_slot()]
-        if free:
-            alt = min(free, key=lambda ws: (cost(ts, ws), ws.occupancy()))
-            if cost(ts, alt) - cost(ts, best) <= SMALL_MOVE:
-                self._assign(ts, alt)
-                return
-        self._queue_on(ts, best)
+        else:
+            self._queue_on(ts, best)  # wait for the holder; a long backlog gets stolen from
 
     @staticmethod
     def _move_cost(ts: TaskState, ws: WorkerState) -> int:
@@ -869,7 +864,7 @@ class Center:
             if ts.state != QUEUED or ts.worker is not victim:
                 continue
             if (ts.restrictions is None or thief.matches(ts.restrictions)) and \
-                    self._move_cost(ts, thief) <= 4 * SMALL_MOVE:
+                    self._move_cost(ts, thief) <= STEAL_BYTES:
                 return ts
             victim.pending.appendleft(ts)
         return None

@@ -249,15 +249,34 @@ class Serialized:
         return self._hash
 
 
+def _needs_by_value(header: bytes) -> bool:
+    """Does a plain pickle refer to code a worker may not be able to import?"""
+    if b"__main__" in header:
+        return True
+    return any(name.encode() in header for name in cloudpickle.list_registry_pickle_by_value())
+
+
 def serialize(obj: Any) -> Serialized:
-    """Pickle a user value (cloudpickle, protocol 5, large buffers out of band)."""
+    """Pickle a user value (protocol 5, large buffers out of band).
+
+    Plain pickle (C, fast) when the result refers only to importable code;
+    cloudpickle when it fails or refers to ``__main__`` or to a module
+    registered to travel by value (so lambdas, closures and classes defined
+    in scripts and notebooks work).
+    """
     if type(obj) in (bytes, bytearray) and len(obj) >= OOB_THRESHOLD:
         obj = _Bytes(obj)
     buffers: list = []
     try:
-        header = cloudpickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
-    except Exception as e:
-        raise TypeError(f"cannot serialize {type(obj).__qualname__!s} object: {e}") from e
+        header = pickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
+        if _needs_by_value(header):
+            raise pickle.PicklingError("refers to code that must travel by value")
+    except Exception:
+        buffers = []
+        try:
+            header = cloudpickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
+        except Exception as e:
+            raise TypeError(f"cannot serialize {type(obj).__qualname__!s} object: {e}") from e
     return Serialized(header, [b.raw() for b in buffers])
 
 
