@@ -10,10 +10,12 @@ API you already know::
 """
 
 from .cluster import LocalCluster
+from .dask_get import get
 from .executor import Client, Executor, Future
+from .pool import Pool, RemoteData
 from .task import KilledWorker, LostKeyError, RemoteException
 from .wire import AuthenticationError
 
 __all__ = ["AuthenticationError", "Client", "Executor", "Future", "KilledWorker",
-           "LocalCluster", "LostKeyError", "RemoteException"]
+           "LocalCluster", "LostKeyError", "Pool", "RemoteData", "RemoteException", "get"]
 __version__ = "0.1.0"
