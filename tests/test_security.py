@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from minidist import AuthenticationError, Client, Executor, LocalCluster, wire
+from minidist import AuthenticationError, Client, Executor, LocalCluster, Pool, get, wire
 
 from conftest import wait_for
 
@@ -164,24 +164,32 @@ def test_local_cluster_without_key():
             assert e.submit(inc, 1).result(timeout=20) == 2
 
 
-def test_pool_takes_auth_key(keyed_cluster):
-    pool_module = pytest.importorskip(
-        "minidist.pool", reason="minidist.pool (Pool) is not in this tree yet")
-    with pool_module.Pool(keyed_cluster.address, auth_key=KEY) as pool:
-        result = pool.apply(inc, (1,))
-        assert (result.get() if hasattr(result, "get") else result) == 2
-    with pytest.raises(AuthenticationError):
-        pool_module.Pool(keyed_cluster.address, auth_key="wrong")
+def forget_cluster_key(monkeypatch, cluster):
+    """Make this process forget the key of a cluster it started (as another process would)."""
+    from minidist.executor import local_cluster_security
+    monkeypatch.delitem(local_cluster_security, cluster.address)
 
 
-def test_dask_get_takes_auth_key(keyed_cluster):
-    dask_get = pytest.importorskip(
-        "minidist.dask_get", reason="minidist.dask_get (get) is not in this tree yet")
+def test_pool_takes_auth_key(keyed_cluster, monkeypatch):
+    with Pool(keyed_cluster.address, auth_key=KEY) as pool:
+        assert pool.apply(inc, (1,)).get() == 2
+        assert pool.gather(pool.map(inc, range(5))) == [1, 2, 3, 4, 5]
+    with pytest.raises(AuthenticationError, match="rejected the auth key"):
+        Pool(keyed_cluster.address, auth_key="wrong")
+    forget_cluster_key(monkeypatch, keyed_cluster)
+    with pytest.raises(AuthenticationError, match="requires an auth key"):
+        Pool(keyed_cluster.address)
+
+
+def test_dask_get_takes_auth_key(keyed_cluster, monkeypatch):
     host, port = wire.parse_address(keyed_cluster.address)
     dsk = {"x": 1, "y": (inc, "x")}
-    assert dask_get.get(host, port, dsk, "y", auth_key=KEY) == 2
-    with pytest.raises(AuthenticationError):
-        dask_get.get(host, port, dsk, "y", auth_key="wrong")
+    assert get(host, port, dsk, "y", auth_key=KEY) == 2
+    with pytest.raises(AuthenticationError, match="rejected the auth key"):
+        get(host, port, dsk, "y", auth_key="wrong")
+    forget_cluster_key(monkeypatch, keyed_cluster)
+    with pytest.raises(AuthenticationError, match="requires an auth key"):
+        get(host, port, dsk, "y")
 
 
 # --------------------------------------------------------------------------- HMAC both ways
