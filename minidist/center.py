@@ -314,8 +314,9 @@ class Center:
         stopping = False
         while not stopping:
             # One tick: every event queued so far, then one write per stream touched.
+            batch = []  # an idle tick must not handle the previous tick's events again
             try:
-                batch = [events.get(timeout=check_every)]
+                batch.append(events.get(timeout=check_every))
                 while True:
                     batch.append(events.get_nowait())
             except queue.Empty:
