@@ -414,6 +414,10 @@ class Center:
         self._dirty.discard(ws)
         ws.sender.close(timeout=0)
         ws.conn.close()
+        # Whoever waits on a reply from it (it may be hung, not dead) stops waiting.
+        left = {"op": "worker_left", "address": ws.address}
+        for other in (*self.workers.values(), *self.clients.values()):
+            self._post(other.sender, left)
         restart: list[TaskState] = []
         for ts in ws.has_what:
             ts.who_has.discard(ws)

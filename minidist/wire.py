@@ -47,6 +47,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -592,6 +593,8 @@ class ConnectionPool:
         self.timeout = timeout
         self.max_idle = max_idle
         self._idle: dict[str, list[Connection]] = defaultdict(list)
+        self._busy: dict[str, set[Connection]] = defaultdict(set)  # in a call right now
+        self._aborted: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def acquire(self, address: str) -> tuple[Connection, bool]:
@@ -617,20 +620,45 @@ class ConnectionPool:
         msg = {"op": op, **kwargs}
         for attempt in (0, 1):
             conn, reused = self.acquire(address)
+            with self._lock:
+                self._busy[address].add(conn)
             try:
                 reply = conn.request(msg)
             except RemoteError:
+                self._done(address, conn)
                 self.release(address, conn)
                 raise
             except ConnectionError:
+                self._done(address, conn)
                 conn.close()
-                if reused and attempt == 0 and not isinstance(
+                if reused and attempt == 0 and conn not in self._aborted and not isinstance(
                         sys.exc_info()[1], ProtocolError):
                     continue
                 raise
+            self._done(address, conn)
             self.release(address, conn)
             return reply
         raise AssertionError("unreachable")
+
+    def _done(self, address: str, conn: Connection) -> None:
+        with self._lock:
+            busy = self._busy.get(address)
+            if busy is not None:
+                busy.discard(conn)
+                if not busy:
+                    del self._busy[address]
+
+    def abort(self, address: str) -> None:
+        """Close every connection to ``address``: calls waiting on it fail at once.
+
+        For a peer known to be dead or hung (e.g. a worker the center has
+        removed), whose replies would otherwise be awaited forever.
+        """
+        with self._lock:
+            conns = self._idle.pop(address, []) + list(self._busy.pop(address, ()))
+            self._aborted.update(conns)
+        for conn in conns:
+            conn.close()
 
     def close(self) -> None:
         with self._lock:

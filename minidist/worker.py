@@ -109,6 +109,7 @@ class Worker:
             "compute": self._compute,
             "delete_data": self._on_delete_data,
             "cancel_compute": self._on_cancel,
+            "worker_left": lambda address: self._peers.abort(address),
             "registered": lambda center=None: None,
         }
         self._bind_host = "127.0.0.1"
