@@ -251,6 +251,43 @@ def test_sigstopped_worker_is_declared_dead_and_cannot_corrupt_state(tmp_path):
             assert e._pool.call(address, "get_data", keys=[slow.key])["data"]
 
 
+@pytest.mark.timeout(60)
+def test_fetches_from_a_sigstopped_holder_do_not_hang(tmp_path):
+    """Client and peer both have a connection open to the holder when it stops answering.
+
+    Their requests sit unanswered on those connections; once the center
+    declares the holder dead they must give up on it and get the values
+    (recomputed) elsewhere, instead of waiting for it to wake.
+    """
+    log = str(tmp_path / "log")
+    with LocalCluster(n_workers=3, heartbeat_timeout=1.5) as cluster, Client(cluster) as c:
+        first = c.submit(logged_inc, 0, log, pure=False)
+        wait_for(first.done, 20, message="first done")
+        [holder] = holders(c, first)
+        # Two more values made from it: they run where it is, so only the holder has them.
+        a = c.submit(logged_inc, first, log, pure=False)
+        b = c.submit(logged_inc, first, log, pure=False)
+        wait_for(lambda: a.done() and b.done(), 20, message="a and b done")
+        assert holders(c, a) == holders(c, b) == [holder]
+        victim = next(p for p in cluster.workers if p.address == holder)
+        peer = next(p for p in cluster.workers if p is not victim)
+        # Open connections to the holder: from the client and from the peer.
+        assert first.result(timeout=20) == 1
+        assert c.submit(inc, first, workers=[peer.address]).result(timeout=20) == 2
+        os.kill(victim.pid, signal.SIGSTOP)
+        waker = threading.Timer(30, os.kill, (victim.pid, signal.SIGCONT))
+        waker.start()
+        try:
+            t0 = time.monotonic()
+            from_peer = c.submit(inc, b, workers=[peer.address], pure=False)
+            assert a.result(timeout=20) == 2
+            assert from_peer.result(timeout=20) == 3
+            assert time.monotonic() - t0 < 12, "fetches waited for the stopped worker"
+        finally:
+            waker.cancel()
+            os.kill(victim.pid, signal.SIGCONT)
+
+
 # --------------------------------------------------------------------------- chaos
 
 
