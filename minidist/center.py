@@ -565,8 +565,9 @@ class Center:
         """``ws`` holds copies of ``keys``: inputs it fetched, or all it held when it registered.
 
         At registration, data the center does not know (it restarted) is kept
-        as lineage-less keys, and needed keys that are not in memory (recomputing,
-        or lost) take the copy instead of running again.
+        as lineage-less keys, and needed keys that are being recomputed take
+        the copy instead of running again.  Keys already reported lost stay
+        lost.
         """
         unwanted = []
         for key, nbytes in keys.items():
@@ -581,7 +582,8 @@ class Center:
                     unwanted.append(key)
             elif ts.state == MEMORY:
                 self._add_holder(ts, ws)
-            elif from_registration and ts.needed() and ts.state != ERRED:
+            # A loss already reported stays final: a copy that comes back is dropped.
+            elif from_registration and ts.needed() and ts.state not in (ERRED, LOST):
                 if ts.state in SCHEDULED or ts.state == WAITING:
                     self._unschedule(ts)
                 ts.nbytes = nbytes
