@@ -252,6 +252,27 @@ def test_sigstopped_worker_is_declared_dead_and_cannot_corrupt_state(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_stopped_holder_of_lost_data_wakes_up_without_confusing_anyone():
+    """Scattered data is reported lost when its stopped holder is dropped; its return changes nothing."""
+    with LocalCluster(n_workers=2, heartbeat_timeout=1.5) as cluster, Client(cluster) as c:
+        victim = cluster.workers[0]
+        [data] = c.scatter([7], workers=[victim.address])
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: data.status == "lost", 15, message="lost")
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+        wait_for(lambda: victim.address in c.nthreads(), 20, message="re-registered")
+        assert c.submit(inc, 1).result(timeout=20) == 2
+        assert data.status == "lost"
+        with pytest.raises(minidist.LostKeyError, match=data.key):
+            data.result(timeout=10)
+        with pytest.raises(minidist.LostKeyError):
+            c.submit(inc, data, pure=False).result(timeout=10)
+        assert c.who_has([data])[data.key] == []
+
+
+@pytest.mark.timeout(60)
 def test_fetches_from_a_sigstopped_holder_do_not_hang(tmp_path):
     """Client and peer both have a connection open to the holder when it stops answering.
 
