@@ -225,12 +225,11 @@ class Serialized:
     buffers stay out of band all the way.
     """
 
-    __slots__ = ("header", "buffers", "_hash")
+    __slots__ = ("header", "buffers")
 
-    def __init__(self, header: bytes, buffers: list = ()) -> None:
+    def __init__(self, header: bytes, buffers: Iterable = ()) -> None:
         self.header = header
-        self.buffers = list(buffers)
-        self._hash = None
+        self.buffers = tuple(buffers)  # the empty tuple is shared: no cost per small value
 
     def __reduce__(self) -> Any:
         return Serialized, (self.header, [pickle.PickleBuffer(b) for b in self.buffers])
@@ -238,15 +237,6 @@ class Serialized:
     @property
     def nbytes(self) -> int:
         return len(self.header) + sum(memoryview(b).nbytes for b in self.buffers)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Serialized) and self.header == other.header and \
-            [bytes(b) for b in self.buffers] == [bytes(b) for b in other.buffers]
-
-    def __hash__(self) -> int:
-        if self._hash is None:
-            self._hash = hash((self.header, len(self.buffers)))
-        return self._hash
 
 
 def _needs_by_value(header: bytes) -> bool:
@@ -827,7 +817,7 @@ class Server:
         """Bind and start serving in a background thread; returns the bound address."""
         self._tcp = _TCPServer((host, port), self)
         self._thread = threading.Thread(target=self._tcp.serve_forever,
-                                        kwargs={"poll_interval": 0.2},
+                                        kwargs={"poll_interval": 0.05},
                                         name=f"{self.name}-accept", daemon=True)
         self._thread.start()
         return self._tcp.server_address[:2]
