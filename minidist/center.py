@@ -314,7 +314,7 @@ class Center:
         stopping = False
         while not stopping:
             # One tick: every event queued so far, then one write per stream touched.
-            batch = []  # an idle tick must not handle the previous tick's events again
+            batch = []
             try:
                 batch.append(events.get(timeout=check_every))
                 while True:
@@ -395,13 +395,12 @@ class Center:
         ws.last_seen = time.monotonic()
         ops = self._worker_ops
         for msg in batch:
-            op = msg.pop("op", None)
-            handler = ops.get(op)
-            if handler is None:
-                logger.warning("unknown worker op %r from %s", op, address)
-                continue
-            handler(ws, **msg)
-            if ws.address not in self.workers:
+            try:
+                op = msg.pop("op", None)
+                ops[op](ws, **msg)
+            except Exception:
+                logger.exception("bad message from worker %s: %.200r", address, msg)
+            if self.workers.get(address) is not ws:
                 return
 
     def _remove_worker(self, ws: WorkerState, reason: str) -> None:
@@ -616,12 +615,11 @@ class Center:
             return
         ops = self._client_ops
         for msg in batch:
-            op = msg.pop("op", None)
-            handler = ops.get(op)
-            if handler is None:
-                logger.warning("unknown client op %r from %s", op, conn.peer)
-                continue
-            handler(cs, **msg)
+            try:
+                op = msg.pop("op", None)
+                ops[op](cs, **msg)
+            except Exception:
+                logger.exception("bad message from client %s: %.200r", conn.peer, msg)
 
     def _update_graph(self, cs: ClientState, tasks: list = (), wants: Iterable = ()) -> None:
         """New tasks ``(key, spec, dep_keys, opts)`` and the keys this client wants."""

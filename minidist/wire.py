@@ -226,12 +226,11 @@ class Serialized:
     buffers stay out of band all the way.
     """
 
-    __slots__ = ("header", "buffers", "_hash")
+    __slots__ = ("header", "buffers")
 
-    def __init__(self, header: bytes, buffers: list = ()) -> None:
+    def __init__(self, header: bytes, buffers: Iterable = ()) -> None:
         self.header = header
-        self.buffers = list(buffers)
-        self._hash = None
+        self.buffers = tuple(buffers)  # the empty tuple is shared: no cost per small value
 
     def __reduce__(self) -> Any:
         return Serialized, (self.header, [pickle.PickleBuffer(b) for b in self.buffers])
@@ -239,15 +238,6 @@ class Serialized:
     @property
     def nbytes(self) -> int:
         return len(self.header) + sum(memoryview(b).nbytes for b in self.buffers)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Serialized) and self.header == other.header and \
-            [bytes(b) for b in self.buffers] == [bytes(b) for b in other.buffers]
-
-    def __hash__(self) -> int:
-        if self._hash is None:
-            self._hash = hash((self.header, len(self.buffers)))
-        return self._hash
 
 
 def _needs_by_value(header: bytes) -> bool:
@@ -689,17 +679,21 @@ class BatchedSender:
     """Send many small messages on one stream as lists: one frame per write.
 
     Messages queue in a buffer; whoever writes takes the whole buffer as one
-    message.  Three ways to get them out:
+    message.  Exactly one party owns the stream at a time (``_writer``): no
+    one, a calling thread, or the writer thread; ownership changes hands
+    only under the lock, so frames are never reordered or interleaved.
 
-    - ``send(msg)``: queue and, if the stream is idle and the last write was
-      not a moment ago, write at once in the caller's thread (no thread hop
-      for a lone message); in a burst, the writer thread batches instead.
+    - ``send(msg)``: queue; if no one is writing and the last write was not a
+      moment ago, write now in the caller's thread (no thread hop for a lone
+      message); in a burst, the writer thread takes over and batches.
     - ``append(msg)`` + ``flush()``: queue now, write later in one frame (the
       center's scheduler flushes every stream it touched once per tick).
-    - Writes from a caller never block: a frame the socket cannot take
-      whole is finished by the writer thread, and messages queued meanwhile
-      wait behind it.  Over TLS all writes go through the writer thread.
+    - A caller never blocks on the network: a frame the socket cannot take
+      whole is handed, with everything queued after it, to the writer
+      thread.  Over TLS every write goes through the writer thread.
     """
+
+    _CALLER, _THREAD = "caller", "thread"
 
     def __init__(self, conn: Connection, name: str = "batched-sender",
                  burst_gap: float = 2e-4) -> None:
@@ -707,7 +701,7 @@ class BatchedSender:
         self.burst_gap = burst_gap
         self._buffer: list = []
         self._cond = threading.Condition(threading.Lock())
-        self._busy = False          # a thread is writing: others only queue
+        self._writer: str | None = None     # who owns the stream right now
         self._leftover: list | None = None  # unsent views of a frame, for the writer thread
         self._last_write = 0.0
         self._closing = False
@@ -721,36 +715,40 @@ class BatchedSender:
             self._buffer.append(msg)
 
     def send(self, msg: Any) -> None:
-        """Queue ``msg`` and get it written soon without blocking the caller on the network."""
+        """Queue ``msg`` and have it written soon, never blocking the caller on the network."""
         with self._cond:
             self._buffer.append(msg)
-            if self._busy or self._closing:
+            if self._writer is not None or self._closing:
+                return  # the owner picks it up before giving the stream back
+            if self._inline_ok and time.monotonic() - self._last_write >= self.burst_gap:
+                self._writer = self._CALLER
+            else:
+                self._hand_to_thread()
                 return
-            if not self._inline_ok or time.monotonic() - self._last_write < self.burst_gap:
-                self._busy = True
-                self._cond.notify()  # the writer thread takes it, with whatever follows
-                return
-            self._busy = True
         self._write_inline()
 
     def flush(self) -> None:
-        """Write what is queued now (without blocking) unless a write is under way."""
+        """Write what is queued now, unless someone is already writing (they will)."""
         with self._cond:
-            if self._busy or not self._buffer or self._closing:
+            if self._writer is not None or not self._buffer or self._closing:
                 return
-            self._busy = True
             if not self._inline_ok:
-                self._cond.notify()
+                self._hand_to_thread()
                 return
+            self._writer = self._CALLER
         self._write_inline()
 
+    def _hand_to_thread(self) -> None:
+        self._writer = self._THREAD
+        self._cond.notify_all()
+
     def _write_inline(self) -> None:
-        """Caller owns the stream (``_busy``): write the buffer, never blocking."""
+        """The caller owns the stream: write the buffer without blocking, then give it back."""
         while True:
             with self._cond:
                 batch, self._buffer = self._buffer, []
                 if not batch:
-                    self._busy = False
+                    self._writer = None
                     self._cond.notify_all()
                     return
                 self._last_write = time.monotonic()
@@ -762,17 +760,16 @@ class BatchedSender:
             if leftover:
                 with self._cond:
                     self._leftover = leftover
-                    self._cond.notify()
+                    self._hand_to_thread()
                 return
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._busy and (self._leftover or self._buffer)) and \
-                        not (self._closing and not self._busy):
+                while self._writer != self._THREAD and not (self._closing and self._writer is None):
                     self._cond.wait()
-                if self._closing and not self._busy:
-                    return
+                if self._writer != self._THREAD:
+                    return  # closing and idle
                 leftover, self._leftover = self._leftover, None
                 batch, self._buffer = self._buffer, []
                 self._last_write = time.monotonic()
@@ -786,7 +783,7 @@ class BatchedSender:
                 return
             with self._cond:
                 if not self._buffer:
-                    self._busy = False
+                    self._writer = None
                     self._cond.notify_all()
 
     def _fail(self, exc: BaseException) -> None:
@@ -796,17 +793,16 @@ class BatchedSender:
         with self._cond:
             self._buffer.clear()
             self._leftover = None
-            self._busy = False
+            self._writer = None
             self._closing = True
             self._cond.notify_all()
 
     def close(self, timeout: float = 2.0) -> None:
         """Write what is queued (waiting up to ``timeout``), then stop the writer thread."""
         with self._cond:
-            if self._buffer and not self._busy and not self._closing:
-                self._busy = True
-                self._cond.notify()
-            self._cond.wait_for(lambda: not self._busy, timeout)
+            if self._buffer and self._writer is None and not self._closing:
+                self._hand_to_thread()
+            self._cond.wait_for(lambda: self._writer is None, timeout)
             self._closing = True
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
@@ -872,7 +868,7 @@ class Server:
         """Bind and start serving in a background thread; returns the bound address."""
         self._tcp = _TCPServer((host, port), self)
         self._thread = threading.Thread(target=self._tcp.serve_forever,
-                                        kwargs={"poll_interval": 0.2},
+                                        kwargs={"poll_interval": 0.05},
                                         name=f"{self.name}-accept", daemon=True)
         self._thread.start()
         return self._tcp.server_address[:2]
