@@ -74,8 +74,9 @@ class SlowToSend:
         self.gate = gate
 
     def __reduce__(self):
-        if not os.path.exists(self.sending):
-            Path(self.sending).write_text(str(os.getpid()))
+        if not os.path.exists(self.sending):  # atomically: the test kills us on sight
+            Path(self.sending + ".tmp").write_text(str(os.getpid()))
+            os.replace(self.sending + ".tmp", self.sending)
         if not os.path.exists(self.gate):
             deadline = time.monotonic() + 60
             while not os.path.exists(self.gate) and time.monotonic() < deadline:
