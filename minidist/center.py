@@ -50,6 +50,9 @@ Failures: a worker that disconnects or misses heartbeats is removed; tasks
 it was running are rescheduled (after ``allowed_failures`` such deaths a
 task errs with ``KilledWorker``), keys whose only copy died are recomputed
 from their RunSpec if still needed, or marked ``lost`` when they have none.
+Clients and workers hear ``worker_left`` and drop their connections to it,
+so a request waiting on a worker that hangs (rather than dies) fails at
+once instead of forever.
 """
 
 from __future__ import annotations
