@@ -8,7 +8,6 @@ the cluster keeps computing.  Nothing is unpickled before the handshake.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import random
 import socket

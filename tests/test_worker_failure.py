@@ -254,7 +254,7 @@ def test_sigstopped_worker_is_declared_dead_and_cannot_corrupt_state(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_stopped_holder_of_lost_data_wakes_up_without_confusing_anyone():
-    """Scattered data is reported lost when its stopped holder is dropped; its return changes nothing."""
+    """Scattered data is lost when its stopped holder is dropped; its return changes nothing."""
     with LocalCluster(n_workers=2, heartbeat_timeout=1.5) as cluster, Client(cluster) as c:
         victim = cluster.workers[0]
         [data] = c.scatter([7], workers=[victim.address])
@@ -314,7 +314,7 @@ def test_fetches_from_a_sigstopped_holder_do_not_hang(tmp_path):
 
 
 def build_graph(c: Client, delay: float = 0.003):
-    """Chains of slow increments joined by fan-in sums: >= 2,000 tasks; returns futures, expected."""
+    """Chains of slow increments joined by fan-in sums (>= 2,000 tasks): futures, values."""
     n_chains, length = 250, 8
     chains, expected = [], []
     for i in range(n_chains):
