@@ -164,6 +164,8 @@ class Worker:
             except wire.AuthenticationError as e:
                 logger.error("cannot register with center %s: %s", self.center_address, e)
                 self._fatal = e
+                if self._registered.is_set():  # refused on reconnecting: no way back, stop
+                    os.kill(os.getpid(), 15)
                 return
             except Exception as e:
                 if not isinstance(e, OSError):  # a bug, not the network: say so loudly
@@ -454,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Start worker at:            {address}", flush=True)
     print(f"Registered with center at:  {worker.center_address}", flush=True)
     run_until_signalled(worker.stop, args.exit_on_stdin_close)
-    return 0
+    return 1 if worker._fatal is not None else 0
 
 
 if __name__ == "__main__":
