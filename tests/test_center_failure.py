@@ -160,3 +160,19 @@ def test_client_that_dies_without_shutdown_releases_its_keys(keyed_cluster, how)
         child.wait()
         child.stdout.close()
         child.stdin.close()
+
+
+@pytest.mark.timeout(60)
+def test_worker_refused_by_a_restarted_center_exits(spawn):
+    """A center back with another auth key refuses the worker: it exits non-zero, saying why."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    center = spawn("center", "--port", str(port), "--host", "127.0.0.1",
+                   env={"MINIDIST_AUTH_KEY": "first-key"})
+    worker = spawn("worker", address, "--host", "127.0.0.1",
+                   env={"MINIDIST_AUTH_KEY": "first-key"})
+    center.stop(signal.SIGKILL)
+    spawn("center", "--port", str(port), "--host", "127.0.0.1",
+          env={"MINIDIST_AUTH_KEY": "second-key"})
+    assert worker.popen.wait(20) != 0
+    assert "rejected the auth key" in worker.log()
