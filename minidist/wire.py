@@ -233,11 +233,32 @@ class Serialized:
         self.buffers = tuple(buffers)  # the empty tuple is shared: no cost per small value
 
     def __reduce__(self) -> Any:
-        return Serialized, (self.header, [pickle.PickleBuffer(b) for b in self.buffers])
+        header = self.header
+        if len(header) >= OOB_THRESHOLD:  # a big in-band pickle travels as its own frame too
+            header = pickle.PickleBuffer(header)
+        return Serialized, (header, [pickle.PickleBuffer(b) for b in self.buffers])
 
     @property
     def nbytes(self) -> int:
         return len(self.header) + sum(memoryview(b).nbytes for b in self.buffers)
+
+
+def _lift_bytes(obj: Any, depth: int = 2) -> Any:
+    """Wrap large bytes (also directly inside small lists, tuples and dicts) for out-of-band travel.
+
+    pickle copies plain bytes into the stream; wrapped, they go as their own
+    frames and arrive as the very bytes objects that were received.
+    """
+    typ = type(obj)
+    if typ in (bytes, bytearray):
+        return _Bytes(obj) if len(obj) >= OOB_THRESHOLD else obj
+    if depth and typ in (list, tuple) and len(obj) <= 64:
+        items = [_lift_bytes(x, depth - 1) for x in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else typ(items)
+    if depth and typ is dict and len(obj) <= 64:
+        items = {k: _lift_bytes(v, depth - 1) for k, v in obj.items()}
+        return obj if all(items[k] is v for k, v in obj.items()) else items
+    return obj
 
 
 def _needs_by_value(header: bytes) -> bool:
@@ -255,8 +276,7 @@ def serialize(obj: Any) -> Serialized:
     registered to travel by value (so lambdas, closures and classes defined
     in scripts and notebooks work).
     """
-    if type(obj) in (bytes, bytearray) and len(obj) >= OOB_THRESHOLD:
-        obj = _Bytes(obj)
+    obj = _lift_bytes(obj)
     buffers: list = []
     try:
         header = pickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
