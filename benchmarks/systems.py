@@ -317,8 +317,10 @@ class Dask(System):
 
     def close(self) -> None:
         try:
+            if self.separate:
+                self._stop_processes()  # first: a busy scheduler would make the client wait
             if self.client is not None:
-                self.client.close()
+                self.client.close(timeout=10 if self.separate else None)
         finally:
             self.client = None
             try:
@@ -326,16 +328,19 @@ class Dask(System):
                     self.cluster.close(timeout=30)
             finally:
                 self.cluster = None
-                running = {p.pid: procs.start_time(p.pid) for p in self._procs}
-                procs.stop({pid: t for pid, t in running.items() if t is not None}, grace=10)
-                for p in self._procs:
-                    if p.poll() is None:
-                        p.kill()
-                    p.wait()
-                self._procs = []
-                if self._tmp is not None:
-                    self._tmp.cleanup()
-                    self._tmp = None
+                self._stop_processes()
+
+    def _stop_processes(self) -> None:
+        running = {p.pid: procs.start_time(p.pid) for p in self._procs}
+        procs.stop({pid: t for pid, t in running.items() if t is not None}, grace=10)
+        for p in self._procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        self._procs = []
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     def submit(self, fn: Callable, *args: Any, workers: list[str] | None = None) -> Any:
         return self.client.submit(fn, *args, workers=workers)
