@@ -130,7 +130,7 @@ def run_one(workload: Workload, name: str, sizes: dict, rep: int, rec: Recorder,
                 raise
         finally:
             leftover = {p: t for p, t in procs.descendants().items()
-                        if p not in before and not procs.is_interpreter_helper(p)}
+                        if p not in before and not procs.is_resource_tracker(p)}
             rec.note_pids(leftover)
             killed = procs.stop(leftover, grace=5)
             if leftover:

@@ -56,7 +56,7 @@ def command(pid: int) -> str:
         return ""
 
 
-def is_interpreter_helper(pid: int) -> bool:
+def is_resource_tracker(pid: int) -> bool:
     """True for multiprocessing's resource tracker, which lives as long as its interpreter."""
     return "multiprocessing.resource_tracker" in command(pid)
 
