@@ -720,7 +720,9 @@ class BatchedSender:
         self.conn = conn
         self.burst_gap = burst_gap
         self._buffer: list = []
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # the writer thread waits here for work
+        self._idle = threading.Condition(lock)  # close() waits here for the stream to be free
         self._writer: str | None = None     # who owns the stream right now
         self._leftover: list | None = None  # unsent views of a frame, for the writer thread
         self._last_write = 0.0
@@ -760,7 +762,11 @@ class BatchedSender:
 
     def _hand_to_thread(self) -> None:
         self._writer = self._THREAD
-        self._cond.notify_all()
+        self._cond.notify()
+
+    def _release_stream(self) -> None:
+        self._writer = None
+        self._idle.notify_all()  # no waiters (the usual case) costs no wakeup
 
     def _write_inline(self) -> None:
         """The caller owns the stream: write the buffer without blocking, then give it back."""
@@ -768,8 +774,7 @@ class BatchedSender:
             with self._cond:
                 batch, self._buffer = self._buffer, []
                 if not batch:
-                    self._writer = None
-                    self._cond.notify_all()
+                    self._release_stream()
                     return
                 self._last_write = time.monotonic()
             try:
@@ -803,8 +808,7 @@ class BatchedSender:
                 return
             with self._cond:
                 if not self._buffer:
-                    self._writer = None
-                    self._cond.notify_all()
+                    self._release_stream()
 
     def _fail(self, exc: BaseException) -> None:
         if not self.conn.closed:
@@ -813,8 +817,8 @@ class BatchedSender:
         with self._cond:
             self._buffer.clear()
             self._leftover = None
-            self._writer = None
             self._closing = True
+            self._release_stream()
             self._cond.notify_all()
 
     def close(self, timeout: float = 2.0) -> None:
@@ -822,7 +826,7 @@ class BatchedSender:
         with self._cond:
             if self._buffer and self._writer is None and not self._closing:
                 self._hand_to_thread()
-            self._cond.wait_for(lambda: self._writer is None, timeout)
+            self._idle.wait_for(lambda: self._writer is None, timeout)
             self._closing = True
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
