@@ -133,7 +133,9 @@ class Future(HasKey, concurrent.futures.Future):
         """Cancel if not finished: the center stops the task unless someone else wants it."""
         if not super().cancel():
             return False
-        self.set_running_or_notify_cancel()
+        with self._condition:  # only the first cancel notifies waiters (wait, as_completed)
+            if self._state == concurrent.futures._base.CANCELLED:
+                self.set_running_or_notify_cancel()
         self._session._drop_ref(self)
         return True
 
