@@ -187,6 +187,24 @@ class _Bytes:
         return _identity, (pickle.PickleBuffer(self.value),)
 
 
+def _as_view(buf: Any, fmt: str, shape: tuple) -> memoryview:
+    view = memoryview(buf).cast("B")
+    return view if fmt == "B" and len(shape) == 1 else view.cast(fmt, shape)
+
+
+class _View:
+    """Wrap a contiguous memoryview so that pickling sends its memory out of band."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: memoryview) -> None:
+        self.value = value
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        view = self.value
+        return _as_view, (pickle.PickleBuffer(view), view.format, view.shape)
+
+
 def _oob(buffers: list) -> Callable[[pickle.PickleBuffer], bool]:
     def callback(buf: pickle.PickleBuffer) -> bool:
         if buf.raw().nbytes < OOB_THRESHOLD:
@@ -252,6 +270,8 @@ def serialize(obj: Any) -> Serialized:
     """Pickle a user value (cloudpickle, protocol 5, large buffers out of band)."""
     if type(obj) in (bytes, bytearray) and len(obj) >= OOB_THRESHOLD:
         obj = _Bytes(obj)
+    elif type(obj) is memoryview and obj.c_contiguous and obj.nbytes >= OOB_THRESHOLD:
+        obj = _View(obj)  # cloudpickle would copy it into the pickle as bytes
     buffers: list = []
     try:
         header = cloudpickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
