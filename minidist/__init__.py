@@ -9,11 +9,38 @@ API you already know::
         print(list(e.map(pow, range(5), range(5))))
 """
 
-from .cluster import LocalCluster
-from .executor import Client, Executor, Future
-from .task import KilledWorker, LostKeyError, RemoteException
-from .wire import AuthenticationError
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["AuthenticationError", "Client", "Executor", "Future", "KilledWorker",
-           "LocalCluster", "LostKeyError", "RemoteException"]
+# Public names load on first use (PEP 562), so ``python -m minidist.worker``
+# starts without importing the client side, and ``import minidist`` stays cheap.
+_EXPORTS = {
+    "AuthenticationError": "wire", "Client": "executor", "Executor": "executor",
+    "Future": "executor", "KilledWorker": "task", "LocalCluster": "cluster",
+    "LostKeyError": "task", "Pool": "pool", "RemoteData": "pool",
+    "RemoteException": "task", "get": "dask_get",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .cluster import LocalCluster
+    from .dask_get import get
+    from .executor import Client, Executor, Future
+    from .pool import Pool, RemoteData
+    from .task import KilledWorker, LostKeyError, RemoteException
+    from .wire import AuthenticationError
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'minidist' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
 __version__ = "0.1.0"

@@ -31,11 +31,12 @@ Life of one task, ``e.submit(inc, 1)``:
 3. Activation walks dependencies: a task waits until every input is in
    memory, then is *ready*.  A ready task goes to the worker where the
    fewest input bytes must move (ties: the least busy), if that worker has
-   a free slot (``nthreads + prefetch``); otherwise it waits at the center,
-   in that worker's pending queue or, with no inputs, in the global queue.
-   Workers take from these queues as slots free up (and steal from long
-   pending queues when idle), so a worker that joins mid-job gets work at
-   once.
+   a free slot (``nthreads`` plus a prefetch worth a few milliseconds of
+   work); otherwise it waits at the center, in that worker's pending queue
+   or, with no inputs, in the global queue.  Workers take from these queues
+   as slots free up, and an idle worker steals from a pending queue longer
+   than its owner's capacity, so a worker that joins mid-job gets work at
+   once while work on data still runs where the data is.
 4. The worker runs it and sends ``task_finished``; the task goes to
    ``memory``, the client gets a ``memory`` event naming the holders and
    fetches the bytes from the worker itself when asked.  Dependents whose
@@ -65,8 +66,8 @@ from collections import deque
 from typing import Any, Callable, Iterable
 
 from . import wire
-from .cli import add_security_args, configure_logging, run_until_signalled, \
-    security_from_args
+from .cli import add_security_args, configure_logging, exit_when_parent_goes, \
+    run_until_signalled, security_from_args
 from .task import KilledWorker, LostKeyError, RunSpec, key_name
 from .wire import NO_REPLY, BatchedSender, Connection, Security, Serialized
 
@@ -77,8 +78,14 @@ RELEASED, WAITING, QUEUED, PROCESSING, MEMORY, ERRED, LOST, NO_WORKER = (
     "released", "waiting", "queued", "processing", "memory", "erred", "lost", "no-worker")
 SCHEDULED = (QUEUED, PROCESSING, NO_WORKER)
 
-SMALL_MOVE = 256 * 1024
-"""Move inputs up to this size to an idle worker rather than wait for a busy holder."""
+STEAL_BYTES = 1 << 20
+"""An idle worker may take a task from another's long backlog if its inputs are this small."""
+
+PREFETCH_SECONDS = 0.005
+"""Queue about this much work on a worker beyond its running tasks (at least 1, at most
+``MAX_PREFETCH`` tasks a thread): enough to hide a round trip, small enough that the
+rest waits at the center where any worker can take it."""
+MAX_PREFETCH = 64
 
 
 class TaskState:
@@ -117,14 +124,17 @@ class WorkerState:
     """A registered worker: its stream, capacity and what it holds and runs."""
 
     __slots__ = ("address", "name", "nthreads", "conn", "sender", "processing", "pending",
-                 "has_what", "nbytes", "last_seen", "pid", "capacity")
+                 "has_what", "nbytes", "last_seen", "pid", "capacity", "min_prefetch",
+                 "duration")
 
     def __init__(self, address: str, name: str, nthreads: int, conn: Connection,
                  sender: BatchedSender, pid: int | None, prefetch: int) -> None:
         self.address = address
         self.name = name
         self.nthreads = nthreads
+        self.min_prefetch = prefetch
         self.capacity = nthreads + prefetch
+        self.duration = 0.0  # moving average of task run time, seconds
         self.conn = conn
         self.sender = sender
         self.processing: dict[TaskState, None] = {}  # ordered: first ones are running
@@ -136,6 +146,13 @@ class WorkerState:
 
     def has_slot(self) -> bool:
         return len(self.processing) < self.capacity
+
+    def observe(self, duration: float) -> None:
+        """Update the task-duration average and the prefetch depth it implies."""
+        self.duration = duration if not self.duration else 0.8 * self.duration + 0.2 * duration
+        per_thread = int(PREFETCH_SECONDS / max(self.duration, 1e-5))
+        prefetch = max(self.min_prefetch, min(MAX_PREFETCH, per_thread) * self.nthreads)
+        self.capacity = self.nthreads + prefetch
 
     def occupancy(self) -> float:
         return len(self.processing) / self.nthreads
@@ -176,7 +193,7 @@ class Center:
     """The center process's state and threads.  ``start()`` binds and serves."""
 
     def __init__(self, *, security: Security | None = None, heartbeat_timeout: float = 5.0,
-                 allowed_failures: int = 3, prefetch: int = 2) -> None:
+                 allowed_failures: int = 3, prefetch: int = 1) -> None:
         self.security = security or Security()
         self.heartbeat_timeout = heartbeat_timeout
         self.allowed_failures = allowed_failures
@@ -187,6 +204,7 @@ class Center:
         self.queued: deque[TaskState] = deque()  # ready, no input, waiting for any slot
         self.no_worker: set[TaskState] = set()   # restricted to workers that are not here
         self._dirty: set[WorkerState] = set()    # workers whose free slots need filling
+        self._outbox: set[BatchedSender] = set()  # streams with messages queued this tick
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._stopped = threading.Event()
         self.server = wire.Server({
@@ -290,27 +308,36 @@ class Center:
             "client_closed": self._on_client_closed,
             "query": self._on_query,
         }
-        get = self._events.get
+        events = self._events
         check_every = min(1.0, self.heartbeat_timeout / 4)
         next_check = time.monotonic() + check_every
-        while True:
+        stopping = False
+        while not stopping:
+            # One tick: every event queued so far, then one write per stream touched.
+            batch = []
             try:
-                kind, args = get(timeout=check_every)
+                batch.append(events.get(timeout=check_every))
+                while True:
+                    batch.append(events.get_nowait())
             except queue.Empty:
-                kind, args = "", ()
-            if kind == "stop":
-                break
-            if kind:
+                pass
+            for kind, args in batch:
+                if kind == "stop":
+                    stopping = True
+                    break
                 try:
                     handlers[kind](*args)
                 except Exception:
                     logger.exception("scheduler failed on %s event", kind)
-            if self._dirty:
-                self._fill_dirty()
+                if self._dirty:
+                    self._fill_dirty()
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + check_every
                 self._check_heartbeats(now)
+            for sender in self._outbox:
+                sender.flush()
+            self._outbox.clear()
         for ws in list(self.workers.values()):
             ws.sender.close()
             ws.conn.close()
@@ -318,6 +345,11 @@ class Center:
             cs.sender.close()
             cs.conn.close()
         self._stopped.set()
+
+    def _post(self, sender: BatchedSender, msg: dict) -> None:
+        """Queue a message on a stream; it is written once this tick ends."""
+        sender.append(msg)
+        self._outbox.add(sender)
 
     def _on_query(self, fn: Callable[..., Any], kwargs: dict, reply: queue.SimpleQueue) -> None:
         try:
@@ -334,7 +366,7 @@ class Center:
             self._remove_worker(old, "it registered again")
         ws = WorkerState(address, name, max(1, int(nthreads)), conn, sender, pid, self.prefetch)
         self.workers[address] = ws
-        sender.send({"op": "registered", "center": self.address})
+        self._post(sender, {"op": "registered", "center": self.address})
         logger.info("worker %s registered (%d threads, %d keys held)", address, ws.nthreads,
                     len(data))
         if data:
@@ -363,13 +395,12 @@ class Center:
         ws.last_seen = time.monotonic()
         ops = self._worker_ops
         for msg in batch:
-            op = msg.pop("op", None)
-            handler = ops.get(op)
-            if handler is None:
-                logger.warning("unknown worker op %r from %s", op, address)
-                continue
-            handler(ws, **msg)
-            if ws.address not in self.workers:
+            try:
+                op = msg.pop("op", None)
+                ops[op](ws, **msg)
+            except Exception:
+                logger.exception("bad message from worker %s: %.200r", address, msg)
+            if self.workers.get(address) is not ws:
                 return
 
     def _remove_worker(self, ws: WorkerState, reason: str) -> None:
@@ -423,10 +454,12 @@ class Center:
 
     # ------------------------------------------------------------------ worker messages
 
-    def _on_task_finished(self, ws: WorkerState, key: Any, nbytes: int = 0) -> None:
+    def _on_task_finished(self, ws: WorkerState, key: Any, nbytes: int = 0,
+                          duration: float = 0.0) -> None:
+        ws.observe(duration)
         ts = self.tasks.get(key)
         if ts is None or ts.state in (RELEASED, ERRED, LOST):
-            ws.sender.send({"op": "delete_data", "keys": [key]})
+            self._post(ws.sender, {"op": "delete_data", "keys": [key]})
             return
         if ts.state == MEMORY:
             self._add_holder(ts, ws)
@@ -454,7 +487,7 @@ class Center:
         if ts.who_wants:
             msg = {"op": "memory", "key": ts.key, "who_has": [w.address for w in ts.who_has]}
             for cid in ts.who_wants:
-                self.clients[cid].sender.send(msg)
+                self._post(self.clients[cid].sender, msg)
         for waiter in ready:
             self._ready(waiter)
         for dep in ts.deps:
@@ -519,7 +552,7 @@ class Center:
         msg = {"op": "delete_data", "keys": [key]}
         for holder in ts.who_has:
             holder.has_what.discard(ts)
-            holder.sender.send(msg)
+            self._post(holder.sender, msg)
         ts.who_has = None
         self._set_erred(ts, exception, traceback)
 
@@ -551,13 +584,13 @@ class Center:
             else:
                 unwanted.append(key)
         if unwanted:
-            ws.sender.send({"op": "delete_data", "keys": unwanted})
+            self._post(ws.sender, {"op": "delete_data", "keys": unwanted})
 
     # ------------------------------------------------------------------ clients
 
     def _add_client(self, conn: Connection, sender: BatchedSender, client_id: str) -> None:
         self.clients[client_id] = ClientState(client_id, conn, sender)
-        sender.send({"op": "registered", "center": self.address})
+        self._post(sender, {"op": "registered", "center": self.address})
 
     def _on_client_closed(self, conn: Connection, client_id: str) -> None:
         cs = self.clients.get(client_id)
@@ -576,12 +609,11 @@ class Center:
             return
         ops = self._client_ops
         for msg in batch:
-            op = msg.pop("op", None)
-            handler = ops.get(op)
-            if handler is None:
-                logger.warning("unknown client op %r from %s", op, conn.peer)
-                continue
-            handler(cs, **msg)
+            try:
+                op = msg.pop("op", None)
+                ops[op](cs, **msg)
+            except Exception:
+                logger.exception("bad message from client %s: %.200r", conn.peer, msg)
 
     def _update_graph(self, cs: ClientState, tasks: list = (), wants: Iterable = ()) -> None:
         """New tasks ``(key, spec, dep_keys, opts)`` and the keys this client wants."""
@@ -618,7 +650,7 @@ class Center:
         for key in wants:
             ts = self.tasks.get(key)
             if ts is None:
-                cs.sender.send({"op": "lost", "key": key,
+                self._post(cs.sender, {"op": "lost", "key": key,
                                 "reason": f"key {key_name(key)!r} is not known to the center"})
                 continue
             _add(ts, "who_wants", cs.id)
@@ -632,13 +664,13 @@ class Center:
     def _report(self, ts: TaskState, cs: ClientState) -> None:
         """Tell one client where ``ts`` stands, if it has finished one way or another."""
         if ts.state == MEMORY:
-            cs.sender.send({"op": "memory", "key": ts.key,
+            self._post(cs.sender, {"op": "memory", "key": ts.key,
                             "who_has": [w.address for w in ts.who_has]})
         elif ts.state == ERRED:
-            cs.sender.send({"op": "erred", "key": ts.key, "exception": ts.exc,
+            self._post(cs.sender, {"op": "erred", "key": ts.key, "exception": ts.exc,
                             "traceback": ts.tb})
         elif ts.state == LOST:
-            cs.sender.send({"op": "lost", "key": ts.key, "reason": ts.tb or "lost"})
+            self._post(cs.sender, {"op": "lost", "key": ts.key, "reason": ts.tb or "lost"})
 
     def _on_release(self, cs: ClientState, keys: Iterable) -> None:
         for key in keys:
@@ -682,7 +714,7 @@ class Center:
         for key in keys:
             ts = self.tasks.get(key)
             if ts is None:
-                cs.sender.send({"op": "lost", "key": key,
+                self._post(cs.sender, {"op": "lost", "key": key,
                                 "reason": f"key {key_name(key)!r} is not known to the center"})
             else:
                 self._report(ts, cs)
@@ -763,14 +795,8 @@ class Center:
         best = min(candidates, key=lambda ws: (cost(ts, ws), ws.occupancy()))
         if best.has_slot():
             self._assign(ts, best)
-            return
-        free = [ws for ws in candidates if ws.has_slot()]
-        if free:
-            alt = min(free, key=lambda ws: (cost(ts, ws), ws.occupancy()))
-            if cost(ts, alt) - cost(ts, best) <= SMALL_MOVE:
-                self._assign(ts, alt)
-                return
-        self._queue_on(ts, best)
+        else:
+            self._queue_on(ts, best)  # wait for the holder; a long backlog gets stolen from
 
     @staticmethod
     def _move_cost(ts: TaskState, ws: WorkerState) -> int:
@@ -790,7 +816,7 @@ class Center:
             holders = dep.who_has or ()
             if ws not in holders:
                 who_has[dep.key] = [w.address for w in holders]
-        ws.sender.send({"op": "compute", "key": ts.key, "spec": ts.spec, "who_has": who_has})
+        self._post(ws.sender, {"op": "compute", "key": ts.key, "spec": ts.spec, "who_has": who_has})
 
     def _fill_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()
@@ -837,7 +863,7 @@ class Center:
             if ts.state != QUEUED or ts.worker is not victim:
                 continue
             if (ts.restrictions is None or thief.matches(ts.restrictions)) and \
-                    self._move_cost(ts, thief) <= 4 * SMALL_MOVE:
+                    self._move_cost(ts, thief) <= STEAL_BYTES:
                 return ts
             victim.pending.appendleft(ts)
         return None
@@ -848,7 +874,7 @@ class Center:
         if ts.state == PROCESSING and ws is not None:
             ws.processing.pop(ts, None)
             if self.workers.get(ws.address) is ws:
-                ws.sender.send({"op": "cancel_compute", "key": ts.key})
+                self._post(ws.sender, {"op": "cancel_compute", "key": ts.key})
                 self._dirty.add(ws)
         elif ts.state == NO_WORKER:
             self.no_worker.discard(ts)
@@ -868,7 +894,7 @@ class Center:
             if t.who_wants:
                 msg = {"op": "erred", "key": t.key, "exception": exc, "traceback": tb}
                 for cid in t.who_wants:
-                    self.clients[cid].sender.send(msg)
+                    self._post(self.clients[cid].sender, msg)
             for waiter in t.waiters or ():
                 if waiter.state not in (MEMORY, ERRED):
                     stack.append(waiter)
@@ -886,7 +912,7 @@ class Center:
         ts.state = LOST
         ts.exc, ts.tb = exc, reason
         for cid in ts.who_wants or ():
-            self.clients[cid].sender.send({"op": "lost", "key": ts.key, "reason": reason})
+            self._post(self.clients[cid].sender, {"op": "lost", "key": ts.key, "reason": reason})
         for waiter in waiters:
             if waiter.state not in (MEMORY, ERRED):
                 self._set_erred(waiter, exc, reason)
@@ -903,7 +929,7 @@ class Center:
                 for ws in t.who_has:
                     ws.has_what.discard(t)
                     ws.nbytes -= t.nbytes
-                    ws.sender.send(msg)
+                    self._post(ws.sender, msg)
                 t.who_has = None
                 t.state = RELEASED
             elif t.state in SCHEDULED or t.state == WAITING:
@@ -993,6 +1019,8 @@ def main(argv: list[str] | None = None) -> int:
     add_security_args(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    if args.exit_on_stdin_close:
+        exit_when_parent_goes()
     security = security_from_args(args)
     host = args.host or ("0.0.0.0" if security.auth_key else "127.0.0.1")
     center = Center(security=security, heartbeat_timeout=args.heartbeat_timeout,

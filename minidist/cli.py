@@ -29,20 +29,41 @@ def security_from_args(args: argparse.Namespace) -> Security:
                     tls_key=args.tls_key, tls_ca=args.tls_ca)
 
 
+_stdin_action: list[Callable[[], None]] = []
+
+
+def watch_stdin(on_close: Callable[[], None]) -> None:
+    """Call ``on_close`` when stdin (a pipe from the parent) reaches EOF.
+
+    One watcher per process; a later call only changes what EOF does.
+    """
+    first = not _stdin_action
+    _stdin_action[:] = [on_close]
+    if not first:
+        return
+
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        _stdin_action[0]()
+    threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
+
+
+def exit_when_parent_goes() -> None:
+    """Until the process is ready: if the parent's pipe closes, exit at once."""
+    watch_stdin(lambda: os._exit(1))
+
+
 def run_until_signalled(stop: Callable[[], None], exit_on_stdin_close: bool) -> None:
     """Block the main thread until SIGINT/SIGTERM (or stdin EOF), then call ``stop``."""
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     if exit_on_stdin_close:
-        def watch() -> None:
-            try:
-                while os.read(0, 4096):
-                    pass
-            except OSError:
-                pass
-            done.set()
-        threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
+        watch_stdin(done.set)
     while not done.wait(0.5):
         pass
     stop()

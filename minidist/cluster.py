@@ -26,7 +26,7 @@ import weakref
 from typing import Any
 
 from . import wire
-from .executor import local_cluster_security
+from .executor import close_shared_sessions, local_cluster_security
 from .wire import Security
 
 logger = logging.getLogger("minidist.cluster")
@@ -101,9 +101,8 @@ class LocalCluster:
         _clusters.add(self)
         try:
             self.center = self._spawn("center", center_args)
-            pending = [self._spawn_worker(threads_per_worker) for _ in range(n_workers)]
-            self._wait_ready([self.center, *pending])
-            self.workers.extend(pending)
+            self.workers = [self._spawn_worker(threads_per_worker) for _ in range(n_workers)]
+            self._wait_ready([self.center, *self.workers])
         except BaseException:
             self.close()
             raise
@@ -211,6 +210,7 @@ class LocalCluster:
             self._closed = True
             workers, self.workers = self.workers, []
         local_cluster_security.pop(self.address, None)
+        close_shared_sessions(self.address)
         self._terminate(workers, timeout)
         if self.center is not None:
             self._terminate([self.center], timeout)

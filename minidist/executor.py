@@ -88,6 +88,8 @@ class Future(HasKey, concurrent.futures.Future):
     ``pending``, ``finished``, ``error``, ``cancelled`` or ``lost``.
     """
 
+    __dask_future__ = True  # dask (delayed, persisted graphs) treats it as its key's value
+
     def __init__(self, key: Any, session: Executor, info: _KeyInfo) -> None:
         super().__init__()
         self.key = key
@@ -164,6 +166,9 @@ class Future(HasKey, concurrent.futures.Future):
                 self._session._deferred.append(self._info)
             except Exception:
                 pass
+
+    def __dask_tokenize__(self) -> Any:
+        return ("minidist.Future", self.key)
 
     def __reduce__(self) -> Any:
         raise TypeError("a Future cannot be pickled; pass it as an argument to submit/map "
@@ -559,6 +564,30 @@ class Executor(concurrent.futures.Executor):
     def _center(self, op: str, **kwargs: Any) -> Any:
         return self._pool.call(self.address, op, **kwargs)
 
+    # ------------------------------------------------------------------ dask
+
+    def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        """Run a dask graph on the cluster; values of ``keys`` in the same nesting.
+
+        dask's scheduler-function contract: ``dsk`` is a raw graph (tuples)
+        or what a dask collection gives; every key the call creates is
+        released when it returns.  ``x.compute(scheduler=e.get)`` works.
+        """
+        from .dask_get import get_with
+        return get_with(self, dsk, keys)
+
+    def compute(self, collections: Any, *, optimize_graph: bool = True,
+                traverse: bool = True, **kwargs: Any) -> Any:
+        """Start computing dask collections; a Future for one, a list for several."""
+        from .dask_get import compute
+        return compute(self, collections, optimize_graph=optimize_graph, traverse=traverse)
+
+    def persist(self, collections: Any, *, optimize_graph: bool = True,
+                **kwargs: Any) -> Any:
+        """The same collections, backed by data computing (then kept) on the cluster."""
+        from .dask_get import persist
+        return persist(self, collections, optimize_graph=optimize_graph)
+
     # ------------------------------------------------------------------ fetching results
 
     def _fetch(self, keys: list, timeout: float | None) -> dict:
@@ -701,23 +730,31 @@ class Executor(concurrent.futures.Executor):
             future._released = True
             self._deferred.append(future._info)
 
+    def _release(self, futures: Iterable[Future]) -> None:
+        """Drop these handles and tell the center now, not at the next release tick."""
+        for future in futures:
+            self._drop_ref(future)
+        self._flush_releases()
+
     def _release_loop(self) -> None:
         """Turn dropped futures into ``release`` messages (off the GC's thread)."""
-        deferred = self._deferred
         while not self._shutdown and self._broken is None:
             time.sleep(0.05)
-            if not deferred:
-                continue
-            released = []
-            with self._lock:
-                while deferred:
-                    info = deferred.popleft()
-                    info.refs -= 1
-                    if info.refs <= 0 and self._keys.get(info.key) is info:
-                        del self._keys[info.key]
-                        released.append(info.key)
-                if released and not self._shutdown:
-                    self._sender.send({"op": "release", "keys": released})
+            if self._deferred:
+                self._flush_releases()
+
+    def _flush_releases(self) -> None:
+        deferred = self._deferred
+        released = []
+        with self._lock:
+            while deferred:
+                info = deferred.popleft()
+                info.refs -= 1
+                if info.refs <= 0 and self._keys.get(info.key) is info:
+                    del self._keys[info.key]
+                    released.append(info.key)
+            if released and not self._shutdown and self._broken is None:
+                self._sender.send({"op": "release", "keys": released})
 
     # ------------------------------------------------------------------ context manager
 
@@ -778,8 +815,27 @@ def _rebuild(obj: Any, values: dict, failed: set) -> Any:
 class Client(Executor):
     """The dask-style session of the seeds: ``map`` returns Futures that stay remote.
 
-    Everything else is the Executor's; ``close()`` ends the session.
+    On creation it becomes dask's default scheduler, so a bare ``.compute()``
+    runs on the cluster (``set_as_default=False`` opts out; the previous
+    scheduler comes back when it closes).  Everything else is the
+    Executor's; ``close()`` ends the session.
     """
+
+    asynchronous = False  # what dask asks of a client given as ``scheduler=``
+
+    def __init__(self, address: Any = None, *, set_as_default: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(address, **kwargs)
+        self._default_scheduler: Any = None
+        if set_as_default:
+            from .dask_get import register_default_scheduler
+            self._default_scheduler = register_default_scheduler(self)
+
+    def _close(self) -> None:
+        super()._close()
+        if self._default_scheduler is not None:
+            from .dask_get import unregister_default_scheduler
+            unregister_default_scheduler(self)
 
     def map(self, fn: Callable, *iterables: Iterable, key: Any = None, pure: bool = True,
             workers: Any = None, retries: int = 0, **kwargs: Any) -> list[Future]:
@@ -797,6 +853,42 @@ class Client(Executor):
     def close(self) -> None:
         """End the session: pending futures are cancelled, its keys released on the cluster."""
         self.shutdown(wait=True, cancel_futures=True)
+
+
+_shared: dict[tuple, Executor] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_session(address: Any, *, timeout: float = 10.0, auth_key: bytes | str | None = None,
+                   tls_ca: str | None = None, tls_cert: str | None = None,
+                   tls_key: str | None = None) -> Executor:
+    """This process's long-lived session to the center at ``address`` with these options.
+
+    The dask ``get`` function and handles unpickled in another process use
+    it; a broken one is replaced, and all are closed at exit.
+    """
+    address = wire.format_address(*wire.parse_address(address))
+    ident = (address, auth_key, tls_ca, tls_cert, tls_key)
+    with _shared_lock:
+        for other, session in list(_shared.items()):
+            if session._shutdown or session._broken is not None:
+                del _shared[other]
+                session.shutdown(wait=False)
+        session = _shared.get(ident)
+        if session is None:
+            session = _shared[ident] = Executor(address, timeout=timeout, auth_key=auth_key,
+                                                tls_ca=tls_ca, tls_cert=tls_cert,
+                                                tls_key=tls_key)
+        return session
+
+
+def close_shared_sessions(address: str) -> None:
+    """Close this process's shared sessions to the center at ``address`` (it is going away)."""
+    with _shared_lock:
+        for ident, session in list(_shared.items()):
+            if ident[0] == address:
+                del _shared[ident]
+                session.shutdown(wait=False)
 
 
 def _close_all_sessions() -> None:

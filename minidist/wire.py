@@ -46,6 +46,7 @@ import ssl
 import struct
 import sys
 import threading
+import time
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -242,12 +243,11 @@ class Serialized:
     buffers stay out of band all the way.
     """
 
-    __slots__ = ("header", "buffers", "_hash")
+    __slots__ = ("header", "buffers")
 
-    def __init__(self, header: bytes, buffers: list = ()) -> None:
+    def __init__(self, header: bytes, buffers: Iterable = ()) -> None:
         self.header = header
-        self.buffers = list(buffers)
-        self._hash = None
+        self.buffers = tuple(buffers)  # the empty tuple is shared: no cost per small value
 
     def __reduce__(self) -> Any:
         return Serialized, (self.header, [pickle.PickleBuffer(b) for b in self.buffers])
@@ -256,27 +256,37 @@ class Serialized:
     def nbytes(self) -> int:
         return len(self.header) + sum(memoryview(b).nbytes for b in self.buffers)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Serialized) and self.header == other.header and \
-            [bytes(b) for b in self.buffers] == [bytes(b) for b in other.buffers]
 
-    def __hash__(self) -> int:
-        if self._hash is None:
-            self._hash = hash((self.header, len(self.buffers)))
-        return self._hash
+def _needs_by_value(header: bytes) -> bool:
+    """Does a plain pickle refer to code a worker may not be able to import?"""
+    if b"__main__" in header:
+        return True
+    return any(name.encode() in header for name in cloudpickle.list_registry_pickle_by_value())
 
 
 def serialize(obj: Any) -> Serialized:
-    """Pickle a user value (cloudpickle, protocol 5, large buffers out of band)."""
+    """Pickle a user value (protocol 5, large buffers out of band).
+
+    Plain pickle (C, fast) when the result refers only to importable code;
+    cloudpickle when it fails or refers to ``__main__`` or to a module
+    registered to travel by value (so lambdas, closures and classes defined
+    in scripts and notebooks work).
+    """
     if type(obj) in (bytes, bytearray) and len(obj) >= OOB_THRESHOLD:
         obj = _Bytes(obj)
     elif type(obj) is memoryview and obj.c_contiguous and obj.nbytes >= OOB_THRESHOLD:
         obj = _View(obj)  # cloudpickle would copy it into the pickle as bytes
     buffers: list = []
     try:
-        header = cloudpickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
-    except Exception as e:
-        raise TypeError(f"cannot serialize {type(obj).__qualname__!s} object: {e}") from e
+        header = pickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
+        if _needs_by_value(header):
+            raise pickle.PicklingError("refers to code that must travel by value")
+    except Exception:
+        buffers = []
+        try:
+            header = cloudpickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
+        except Exception as e:
+            raise TypeError(f"cannot serialize {type(obj).__qualname__!s} object: {e}") from e
     return Serialized(header, [b.raw() for b in buffers])
 
 
@@ -289,26 +299,40 @@ def deserialize(s: Serialized) -> Any:
 # Framing
 
 
-def write_frames(sock: socket.socket, frames: list) -> None:
-    """Send a header and the frames without concatenating large ones."""
+def frame_views(frames: list) -> list[memoryview]:
+    """The header and the frames of one message, as byte views ready to write."""
     views = [memoryview(f).cast("B") for f in frames]
     lengths = [v.nbytes | (0 if v.readonly else _WRITABLE) for v in views]
     header = _COUNT.pack(len(views)) + struct.pack(f"!{len(views)}Q", *lengths)
-    if isinstance(sock, ssl.SSLSocket):  # no sendmsg over TLS
-        small = [header]
+    return [memoryview(header), *views]
+
+
+def write_views(sock: socket.socket, views: list, blocking: bool = True) -> list:
+    """Write views with ``sendmsg`` (no concatenation); returns what is left unsent.
+
+    Non-blocking mode stops when the socket buffer is full.  Over TLS there
+    is no ``sendmsg``: small views are joined and written with ``sendall``.
+    """
+    if isinstance(sock, ssl.SSLSocket):
+        small: list = []
         for v in views:
             if v.nbytes < 65536:
                 small.append(v)
-            else:
+                continue
+            if small:
                 sock.sendall(b"".join(small))
                 small = []
-                sock.sendall(v)
+            sock.sendall(v)
         if small:
             sock.sendall(b"".join(small))
-        return
-    pending = [memoryview(header), *views]
+        return []
+    pending = [v for v in views if v.nbytes]
+    flags = 0 if blocking else socket.MSG_DONTWAIT
     while pending:
-        sent = sock.sendmsg(pending[:1024])
+        try:
+            sent = sock.sendmsg(pending[:1024], [], flags)
+        except BlockingIOError:
+            return pending
         while sent:
             n = pending[0].nbytes
             if sent >= n:
@@ -317,8 +341,12 @@ def write_frames(sock: socket.socket, frames: list) -> None:
             else:
                 pending[0] = pending[0][sent:]
                 sent = 0
-        while pending and not pending[0].nbytes:
-            pending.pop(0)
+    return pending
+
+
+def write_frames(sock: socket.socket, frames: list) -> None:
+    """Send one message's frames, blocking until done."""
+    write_views(sock, frame_views(frames))
 
 
 def _read_exact(rfile: Any, n: int) -> bytes:
@@ -447,12 +475,27 @@ class Connection:
 
     def send(self, obj: Any) -> None:
         """Send one message; raises ConnectionError when the peer is gone."""
-        frames = dumps(obj)
+        self.send_views(frame_views(dumps(obj)))
+
+    def send_views(self, views: list) -> None:
+        """Write prepared frame views (``frame_views``), blocking until all are sent."""
         with self._send_lock:
             if self.closed:
                 raise ConnectionError(f"connection to {self.peer} is closed")
             try:
-                write_frames(self.sock, frames)
+                write_views(self.sock, views)
+            except OSError as e:
+                self.close()
+                raise ConnectionError(f"lost connection to {self.peer}: {e}") from e
+
+    def send_nowait(self, obj: Any) -> list | None:
+        """Write one message as far as the socket takes it now; return the unsent views."""
+        views = frame_views(dumps(obj))
+        with self._send_lock:
+            if self.closed:
+                raise ConnectionError(f"connection to {self.peer} is closed")
+            try:
+                return write_views(self.sock, views, blocking=False) or None
             except OSError as e:
                 self.close()
                 raise ConnectionError(f"lost connection to {self.peer}: {e}") from e
@@ -608,56 +651,135 @@ class rpc:
 
 
 class BatchedSender:
-    """Send many small messages on one connection as lists, one frame per send.
+    """Send many small messages on one stream as lists: one frame per write.
 
-    ``send`` never blocks on the network: a writer thread takes everything
-    queued since its last write and sends it as one message.  Under load,
-    batches grow on their own; when idle, a message goes out at once.
+    Messages queue in a buffer; whoever writes takes the whole buffer as one
+    message.  Exactly one party owns the stream at a time (``_writer``): no
+    one, a calling thread, or the writer thread; ownership changes hands
+    only under the lock, so frames are never reordered or interleaved.
+
+    - ``send(msg)``: queue; if no one is writing and the last write was not a
+      moment ago, write now in the caller's thread (no thread hop for a lone
+      message); in a burst, the writer thread takes over and batches.
+    - ``append(msg)`` + ``flush()``: queue now, write later in one frame (the
+      center's scheduler flushes every stream it touched once per tick).
+    - A caller never blocks on the network: a frame the socket cannot take
+      whole is handed, with everything queued after it, to the writer
+      thread.  Over TLS every write goes through the writer thread.
     """
 
-    def __init__(self, conn: Connection, name: str = "batched-sender") -> None:
+    _CALLER, _THREAD = "caller", "thread"
+
+    def __init__(self, conn: Connection, name: str = "batched-sender",
+                 burst_gap: float = 2e-4) -> None:
         self.conn = conn
+        self.burst_gap = burst_gap
         self._buffer: list = []
         self._cond = threading.Condition(threading.Lock())
+        self._writer: str | None = None     # who owns the stream right now
+        self._leftover: list | None = None  # unsent views of a frame, for the writer thread
+        self._last_write = 0.0
         self._closing = False
+        self._inline_ok = not isinstance(conn.sock, ssl.SSLSocket)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def send(self, msg: Any) -> None:
+    def append(self, msg: Any) -> None:
+        """Queue ``msg`` for the next ``flush`` (or the next write of any kind)."""
         with self._cond:
             self._buffer.append(msg)
-            if len(self._buffer) == 1:
-                self._cond.notify()
 
-    def send_many(self, msgs: Iterable[Any]) -> None:
+    def send(self, msg: Any) -> None:
+        """Queue ``msg`` and have it written soon, never blocking the caller on the network."""
         with self._cond:
-            self._buffer.extend(msgs)
-            self._cond.notify()
+            self._buffer.append(msg)
+            if self._writer is not None or self._closing:
+                return  # the owner picks it up before giving the stream back
+            if self._inline_ok and time.monotonic() - self._last_write >= self.burst_gap:
+                self._writer = self._CALLER
+            else:
+                self._hand_to_thread()
+                return
+        self._write_inline()
+
+    def flush(self) -> None:
+        """Write what is queued now, unless someone is already writing (they will)."""
+        with self._cond:
+            if self._writer is not None or not self._buffer or self._closing:
+                return
+            if not self._inline_ok:
+                self._hand_to_thread()
+                return
+            self._writer = self._CALLER
+        self._write_inline()
+
+    def _hand_to_thread(self) -> None:
+        self._writer = self._THREAD
+        self._cond.notify_all()
+
+    def _write_inline(self) -> None:
+        """The caller owns the stream: write the buffer without blocking, then give it back."""
+        while True:
+            with self._cond:
+                batch, self._buffer = self._buffer, []
+                if not batch:
+                    self._writer = None
+                    self._cond.notify_all()
+                    return
+                self._last_write = time.monotonic()
+            try:
+                leftover = self.conn.send_nowait(batch)
+            except ConnectionError as e:
+                self._fail(e)
+                return
+            if leftover:
+                with self._cond:
+                    self._leftover = leftover
+                    self._hand_to_thread()
+                return
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._buffer and not self._closing:
+                while self._writer != self._THREAD and not (self._closing and self._writer is None):
                     self._cond.wait()
+                if self._writer != self._THREAD:
+                    return  # closing and idle
+                leftover, self._leftover = self._leftover, None
                 batch, self._buffer = self._buffer, []
-                if not batch and self._closing:
-                    return
+                self._last_write = time.monotonic()
             try:
-                self.conn.send(batch)
-            except Exception as e:
-                if not self.conn.closed:
-                    logger.warning("stream to %s failed: %r", self.conn.peer, e)
-                self.conn.close()
-                with self._cond:
-                    self._buffer.clear()
-                    self._closing = True
+                if leftover:
+                    self.conn.send_views(leftover)
+                if batch:
+                    self.conn.send(batch)
+            except ConnectionError as e:
+                self._fail(e)
                 return
+            with self._cond:
+                if not self._buffer:
+                    self._writer = None
+                    self._cond.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.conn.closed:
+            logger.warning("stream to %s failed: %r", self.conn.peer, exc)
+        self.conn.close()
+        with self._cond:
+            self._buffer.clear()
+            self._leftover = None
+            self._writer = None
+            self._closing = True
+            self._cond.notify_all()
 
     def close(self, timeout: float = 2.0) -> None:
-        """Flush what is queued (bounded by ``timeout``), then stop the writer."""
+        """Write what is queued (waiting up to ``timeout``), then stop the writer thread."""
         with self._cond:
+            if self._buffer and self._writer is None and not self._closing:
+                self._hand_to_thread()
+            self._cond.wait_for(lambda: self._writer is None, timeout)
             self._closing = True
-            self._cond.notify()
+            self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -721,7 +843,7 @@ class Server:
         """Bind and start serving in a background thread; returns the bound address."""
         self._tcp = _TCPServer((host, port), self)
         self._thread = threading.Thread(target=self._tcp.serve_forever,
-                                        kwargs={"poll_interval": 0.2},
+                                        kwargs={"poll_interval": 0.05},
                                         name=f"{self.name}-accept", daemon=True)
         self._thread.start()
         return self._tcp.server_address[:2]

@@ -50,8 +50,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import wire
-from .cli import add_security_args, configure_logging, run_until_signalled, \
-    security_from_args
+from .cli import add_security_args, configure_logging, exit_when_parent_goes, \
+    run_until_signalled, security_from_args
 from .task import RunSpec, pack_exception, run, sizeof
 from .wire import NO_REPLY, BatchedSender, Connection, ConnectionPool, Security
 
@@ -164,7 +164,9 @@ class Worker:
                 logger.error("cannot register with center %s: %s", self.center_address, e)
                 self._fatal = e
                 return
-            except (ConnectionError, OSError) as e:
+            except Exception as e:
+                if not isinstance(e, OSError):  # a bug, not the network: say so loudly
+                    logger.exception("registering with center %s failed", self.center_address)
                 if self.death_timeout is not None and \
                         time.monotonic() - lost_since > self.death_timeout:
                     logger.error("center %s unreachable for %.0fs; giving up",
@@ -360,6 +362,7 @@ class Worker:
 
     def _execute(self, item: _TaskItem) -> None:
         key = item.key
+        start = time.perf_counter()
         try:
             result = run(item.spec, self.data)
         except BaseException as e:  # a task must never take a worker thread down
@@ -371,7 +374,8 @@ class Worker:
             self._cancelled.discard(key)
         self.data[key] = result
         nbytes = self.nbytes[key] = sizeof(result)
-        self._send({"op": "task_finished", "key": key, "nbytes": nbytes})
+        self._send({"op": "task_finished", "key": key, "nbytes": nbytes,
+                    "duration": time.perf_counter() - start})
 
     # ------------------------------------------------------------------ peer / client ops
 
@@ -429,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     add_security_args(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    if args.exit_on_stdin_close:
+        exit_when_parent_goes()
     security = security_from_args(args)
     host = args.host or ("0.0.0.0" if security.auth_key else "127.0.0.1")
     worker = Worker(args.center, nthreads=args.nthreads, name=args.name, security=security,
