@@ -403,6 +403,16 @@ class Executor(concurrent.futures.Executor):
             threading.Thread(target=self._finish, args=(pending,), name="client-shutdown",
                              daemon=True).start()
 
+    def _terminate(self) -> None:
+        """Disconnect now: pending futures are cancelled, values not yet fetched are dropped."""
+        with self._lock:
+            self._shutdown = True
+            pending = [f for info in self._keys.values() for f in info.live_futures()
+                       if not f.done()]
+        for future in pending:
+            future.cancel()
+        self._close()
+
     def _finish(self, pending: list[Future]) -> None:
         """Wait for ``pending``, keep the held results, then disconnect."""
         try:
@@ -894,8 +904,7 @@ def close_shared_sessions(address: str) -> None:
 def _close_all_sessions() -> None:
     for session in list(_sessions):
         try:
-            session._shutdown = True
-            session._close()
+            session._terminate()
         except Exception:
             pass
 
