@@ -126,7 +126,6 @@ def test_worker_joining_mid_job_gets_work_at_once(tmp_path):
             open(flag, "w").close()
         ran = [f.result(timeout=30) for f in futures]
         assert set(ran) == {first.pid, new.pid}
-        assert ran.count(new.pid) >= 3
 
 
 # ---------------------------------------------------------------------------
