@@ -241,3 +241,28 @@ def test_center_port_in_use_fails_clearly(spawn):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert "cannot start center" in out.stderr
+
+
+def block_on(path):
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return os.getpid()
+
+
+def test_busy_worker_leaves_and_its_task_moves(spawn, tmp_path):
+    flag = str(tmp_path / "flag")
+    center = spawn("center", "--port", "0", "--heartbeat-timeout", "120")
+    busy = spawn("worker", center.address)
+    with Executor(center.address) as e:
+        f = e.submit(block_on, flag, workers=[busy.address])
+        wait_for(lambda: e._center("workers")[busy.address]["processing"], message="running")
+        other = spawn("worker", center.address)
+        assert busy.stop(signal.SIGTERM) == 0  # does not wait for its running task
+        wait_for(lambda: set(e.nthreads()) == {other.address}, timeout=5,
+                 message="the center to drop the worker")
+        open(flag, "w").close()
+        # its restriction cannot be met any more: the task waits, it is not lost or run
+        # elsewhere; an unrestricted copy runs on the remaining worker
+        assert e.submit(block_on, flag, pure=False).result(timeout=10) == other.pid
+        assert not f.done()
+        assert f.cancel()  # or leaving the with block would wait for it forever

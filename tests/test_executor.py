@@ -871,3 +871,79 @@ def test_future_from_another_session_as_argument(cluster, e):
         assert e.submit(inc, x).result(timeout=10) == 702
         done = list(cf.as_completed([x, e.submit(inc, 1)], timeout=10))
         assert len(done) == 2
+
+
+# ---------------------------------------------------------------------------
+# The same script on ProcessPoolExecutor and on minidist
+
+
+def pep3148_script(make_executor) -> dict:
+    """Exercise an executor the way concurrent.futures code does; record what it sees."""
+    seen: dict = {}
+    calls = []
+    with make_executor() as ex:
+        seen["map"] = list(ex.map(pow, range(6), range(6)))
+        seen["map_chunks"] = list(ex.map(pow, range(7), [2] * 7, chunksize=3))
+        seen["map_shortest"] = list(ex.map(plus, [1, 2, 3], [10, 20]))
+        it = ex.map(raise_if, range(5), [2] * 5)
+        seen["map_until_error"] = [next(it), next(it)]
+        try:
+            next(it)
+        except ValueError as e:
+            seen["map_error"] = str(e)
+        bad = ex.submit(divide, 1, 0)
+        exc = bad.exception(timeout=30)
+        seen["exc_type"] = type(exc).__name__
+        seen["exc_cause_has_traceback"] = "Traceback" in str(exc.__cause__) and \
+            "divide" in str(exc.__cause__)
+        try:
+            bad.result()
+        except ZeroDivisionError:
+            seen["result_raises"] = True
+        fs = [ex.submit(inc, i) for i in range(5)]
+        done, not_done = cf.wait(fs, timeout=30)
+        seen["wait_all"] = (len(done), len(not_done))
+        done, not_done = cf.wait(fs + [bad], timeout=30, return_when=cf.FIRST_EXCEPTION)
+        seen["wait_first_exception_has_bad"] = bad in done
+        seen["as_completed"] = sorted(f.result() for f in cf.as_completed(fs, timeout=30))
+        seen["cancel_finished"] = fs[0].cancel()
+        seen["done_after_cancel_attempt"] = (fs[0].done(), fs[0].cancelled())
+        fs[0].add_done_callback(calls.append)
+        seen["callback_after_done"] = calls == [fs[0]]
+        kept = ex.submit(plus, 40, y=2)
+    seen["result_after_with"] = kept.result(timeout=30)
+    try:
+        ex.submit(inc, 1)
+    except RuntimeError:
+        seen["submit_after_shutdown"] = "RuntimeError"
+    return seen
+
+
+def test_same_observations_as_process_pool_executor(cluster):
+    import multiprocessing
+    # fork: spawn and forkserver leave helper processes running until this one exits
+    fork = multiprocessing.get_context("fork")
+    expected = pep3148_script(lambda: cf.ProcessPoolExecutor(2, mp_context=fork))
+    got = pep3148_script(lambda: Executor(cluster))
+    assert got == expected
+    assert expected["map"] == [1, 1, 4, 27, 256, 3125]  # and the script did run
+
+
+# ---------------------------------------------------------------------------
+# connecting
+
+
+def test_address_forms(cluster):
+    host, port = cluster.address.split(":")
+    for address in (cluster.address, f"tcp://{cluster.address}", (host, int(port)), cluster):
+        with Executor(address) as ex:
+            assert ex.submit(inc, 1).result(timeout=10) == 2
+
+
+def test_no_center_gives_connection_error():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConnectionError):
+        Executor(f"127.0.0.1:{port}", timeout=2)
