@@ -238,27 +238,25 @@ def test_map_exception_raised_when_item_reached(e):
     assert list(e.map(inc, range(3))) == [1, 2, 3]
 
 
-def test_map_chunksize_same_results_fewer_tasks(e):
+def test_map_chunksize_same_results_fewer_tasks(e, cluster):
     values = list(range(1000, 1010))
     assert list(e.map(inc, values, chunksize=3)) == [v + 1 for v in values]
     assert list(e.map(add, values, values, chunksize=4)) == [2 * v for v in values]
     with pytest.raises(ValueError, match="bad item 1004"):
         list(e.map(raise_if, values, [1004] * 10, chunksize=3))
 
-    def new_keys_while_held(chunksize, offset):
-        before = set(e.who_has())
-        it = e.map(inc, [v + offset for v in values], chunksize=chunksize)
-        first = next(it)  # the iterator now holds every future
-        assert first == values[0] + offset + 1
-        keys = wait_for(lambda: set(e.who_has()) - before, message="new keys")
-        # every item is done once the last one is
-        wait_for(lambda: len(set(e.who_has()) - before) >= (10 + chunksize - 1) // chunksize)
-        keys = set(e.who_has()) - before
-        assert list(it) == [v + offset + 1 for v in values[1:]]
-        return keys
+    def tasks_of_one_map(chunksize, offset):
+        with Executor(cluster) as ex:  # a fresh session: its keys are this map's tasks
+            it = ex.map(inc, [v + offset for v in values], chunksize=chunksize)
+            keys = list(ex._keys)  # the iterator holds one future per task
+            wait_for(lambda: len(ex._center("who_has", keys=keys)) == len(keys),
+                     message="the tasks known to the center")
+            assert list(it) == [v + offset + 1 for v in values]
+        return len(keys)
 
-    assert len(new_keys_while_held(1, 100)) == 10
-    assert len(new_keys_while_held(3, 200)) == 4  # ceil(10 / 3) tasks
+    assert tasks_of_one_map(1, 100) == 10
+    assert tasks_of_one_map(3, 200) == 4  # ceil(10 / 3) tasks
+    assert tasks_of_one_map(10, 300) == 1
 
 
 def test_map_with_lambda_and_large_count(e):
