@@ -61,12 +61,13 @@ logger = logging.getLogger("minidist.worker")
 class _TaskItem:
     """A task received from the center, on its way to a task thread."""
 
-    __slots__ = ("key", "spec", "missing")
+    __slots__ = ("key", "spec", "missing", "cancelled")
 
     def __init__(self, key: Any, spec: RunSpec) -> None:
         self.key = key
         self.spec = spec
         self.missing = 0  # inputs still being fetched
+        self.cancelled = False
 
 
 class Worker:
@@ -87,7 +88,7 @@ class Worker:
         self.nbytes: dict[Any, int] = {}
         self.executed = 0
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
-        self._cancelled: set = set()
+        self._waiting: dict[Any, _TaskItem] = {}  # received, not started: what a cancel stops
         self._fetching: dict[Any, _Future] = {}
         self._fetch_lock = threading.Lock()
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
@@ -238,6 +239,9 @@ class Worker:
             self._send({"op": "heartbeat"})
 
     def _drain_ready(self) -> None:
+        for item in self._waiting.values():  # the center reschedules them after registration
+            item.cancelled = True
+        self._waiting.clear()
         while True:
             try:
                 item = self._ready.get_nowait()
@@ -253,7 +257,7 @@ class Worker:
         if key in self.data:
             self._send({"op": "task_finished", "key": key, "nbytes": self.nbytes.get(key, 0)})
             return
-        item = _TaskItem(key, spec)
+        item = self._waiting[key] = _TaskItem(key, spec)
         missing = {dep: holders for dep, holders in who_has.items() if dep not in self.data}
         if not missing:
             self._ready.put(item)
@@ -268,7 +272,11 @@ class Worker:
             self.nbytes.pop(key, None)
 
     def _on_cancel(self, key: Any) -> None:
-        self._cancelled.add(key)
+        # Only a task not started yet is stopped; a cancel that finds none (the task
+        # already ran) leaves no mark that could swallow a later compute of the key.
+        item = self._waiting.pop(key, None)
+        if item is not None:
+            item.cancelled = True
 
     # ------------------------------------------------------------------ fetching inputs
 
@@ -336,6 +344,8 @@ class Worker:
             if item.missing <= 0:
                 return  # already failed for another input
             item.missing = -1
+            if self._waiting.get(item.key) is item:
+                del self._waiting[item.key]
             if exc.error is not None:  # the holder could not serialize it: an error, not a loss
                 blob, tb = exc.error
                 self._send({"op": "task_erred", "key": item.key, "exception": blob,
@@ -355,8 +365,9 @@ class Worker:
             item = self._ready.get()
             if item is None:
                 return
-            if item.key in self._cancelled:
-                self._cancelled.discard(item.key)
+            if self._waiting.get(item.key) is item:
+                del self._waiting[item.key]
+            if item.cancelled:
                 continue
             self._execute(item)
 
@@ -371,7 +382,6 @@ class Worker:
             return
         finally:
             self.executed += 1
-            self._cancelled.discard(key)
         self.data[key] = result
         nbytes = self.nbytes[key] = sizeof(result)
         self._send({"op": "task_finished", "key": key, "nbytes": nbytes,
