@@ -50,8 +50,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import wire
-from .cli import add_security_args, configure_logging, exit_when_parent_goes, \
-    run_until_signalled, security_from_args
+from .cli import add_security_args, catch_stop_signals, configure_logging, \
+    exit_when_parent_goes, run_until_signalled, security_from_args
 from .task import RunSpec, pack_exception, run, sizeof
 from .wire import NO_REPLY, BatchedSender, Connection, ConnectionPool, Security
 
@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning")
     add_security_args(parser)
     args = parser.parse_args(argv)
+    catch_stop_signals()
     configure_logging(args.log_level)
     if args.exit_on_stdin_close:
         exit_when_parent_goes()
@@ -457,9 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, TimeoutError) as e:
         print(f"cannot start worker: {e}", file=sys.stderr)
         return 1
-    print(f"Start worker at:            {address}", flush=True)
-    print(f"Registered with center at:  {worker.center_address}", flush=True)
-    run_until_signalled(worker.stop, args.exit_on_stdin_close)
+    run_until_signalled(worker.stop, args.exit_on_stdin_close,
+                        [f"Start worker at:            {address}",
+                         f"Registered with center at:  {worker.center_address}"])
     return 0
 
 
