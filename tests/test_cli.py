@@ -171,9 +171,32 @@ def test_center_sigterm_exits_zero(spawn):
     assert worker.stop(signal.SIGTERM) == 0
 
 
-def test_center_sigint_exits_zero(spawn):
-    center = spawn("center", "--port", "0")
-    assert center.stop(signal.SIGINT) == 0
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_right_after_ready_lines_exits_zero(spawn, sig):
+    # whoever waits for the ready lines may signal at once: the handlers are in place
+    for _ in range(3):
+        center = spawn("center", "--port", "0")
+        worker = spawn("worker", center.address)
+        assert worker.stop(sig) == 0
+        assert center.stop(sig) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_worker_waiting_for_its_center_stops_on_signal(sig):
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "minidist.worker", f"127.0.0.1:{free_port()}", "--log-level",
+         "info"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        read_until(worker, worker.stderr, contains="unreachable", timeout=20)
+        worker.send_signal(sig)
+        assert worker.wait(10) == 0
+        assert worker.stdout.read() == b""  # it never claimed to be ready
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        worker.stdout.close()
+        worker.stderr.close()
 
 
 def test_name_and_nthreads_reflected_in_workers(spawn):
