@@ -326,6 +326,7 @@ def test_cancel_pending_future(e, flag, tmp_path):
     log = str(tmp_path / "ran")
     blocker = e.submit(wait_file, flag, 5)
     dependent = e.submit(record, log, blocker)  # waits at the center for blocker
+    wait_for(lambda: e._center("who_has", keys=[dependent.key]), message="the task known")
     assert dependent.status == "pending"
     assert dependent.cancel() is True
     assert dependent.cancelled() and dependent.done()
@@ -482,12 +483,12 @@ def test_shutdown_cancel_futures(cluster, flag, tmp_path):
     log = str(tmp_path / "ran")
     ex = Executor(cluster)
     blocker = ex.submit(wait_file, flag, 0)
-    queued = [ex.submit(record, log, blocker) for _ in range(1)] + \
+    queued = [ex.submit(record, log, blocker)] + \
         [ex.submit(record_after, log, flag, i) for i in range(1, 8)]
     ex.shutdown(wait=False, cancel_futures=True)
-    assert all(f.cancelled() for f in queued)
+    assert all(f.cancelled() and f.status == "cancelled" for f in queued)
     release(flag)
-    # nothing cancelled ever runs (the cluster forgets those tasks)
+    # the cluster forgets the cancelled tasks
     with Executor(cluster) as e2:
         wait_for(lambda: not e2._center("who_has", keys=[f.key for f in queued]),
                  message="cancelled keys forgotten")
