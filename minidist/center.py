@@ -50,6 +50,9 @@ Failures: a worker that disconnects or misses heartbeats is removed; tasks
 it was running are rescheduled (after ``allowed_failures`` such deaths a
 task errs with ``KilledWorker``), keys whose only copy died are recomputed
 from their RunSpec if still needed, or marked ``lost`` when they have none.
+Clients and workers hear ``worker_left`` and drop their connections to it,
+so a request waiting on a worker that hangs (rather than dies) fails at
+once instead of forever.
 """
 
 from __future__ import annotations
@@ -413,6 +416,10 @@ class Center:
         self._dirty.discard(ws)
         ws.sender.close(timeout=0)
         ws.conn.close()
+        # Whoever waits on a reply from it (it may be hung, not dead) stops waiting.
+        left = {"op": "worker_left", "address": ws.address}
+        for other in (*self.workers.values(), *self.clients.values()):
+            self._post(other.sender, left)
         restart: list[TaskState] = []
         for ts in ws.has_what:
             ts.who_has.discard(ws)
@@ -560,8 +567,9 @@ class Center:
         """``ws`` holds copies of ``keys``: inputs it fetched, or all it held when it registered.
 
         At registration, data the center does not know (it restarted) is kept
-        as lineage-less keys, and needed keys that are not in memory (recomputing,
-        or lost) take the copy instead of running again.
+        as lineage-less keys, and needed keys that are being recomputed take
+        the copy instead of running again.  Keys already reported lost stay
+        lost.
         """
         unwanted = []
         for key, nbytes in keys.items():
@@ -576,7 +584,8 @@ class Center:
                     unwanted.append(key)
             elif ts.state == MEMORY:
                 self._add_holder(ts, ws)
-            elif from_registration and ts.needed() and ts.state != ERRED:
+            # A loss already reported stays final: a copy that comes back is dropped.
+            elif from_registration and ts.needed() and ts.state not in (ERRED, LOST):
                 if ts.state in SCHEDULED or ts.state == WAITING:
                     self._unschedule(ts)
                 ts.nbytes = nbytes

@@ -82,6 +82,9 @@ class LocalCluster:
         self.threads_per_worker = threads_per_worker
         self.log_level = log_level
         self.timeout = timeout
+        # Heartbeat often enough that a short timeout still spans several beats.
+        self._heartbeat_interval = None if heartbeat_timeout is None else \
+            min(1.0, heartbeat_timeout / 5)
         self.center: Process | None = None
         self.workers: list[Process] = []
         self._closed = False
@@ -122,6 +125,8 @@ class LocalCluster:
         args = [self.address, "--nthreads", str(nthreads or self.threads_per_worker)]
         if name:
             args += ["--name", name]
+        if self._heartbeat_interval is not None:
+            args += ["--heartbeat-interval", str(self._heartbeat_interval)]
         return self._spawn("worker", args)
 
     def _wait_ready(self, procs: list[Process]) -> None:

@@ -679,7 +679,8 @@ class Executor(concurrent.futures.Executor):
     # ------------------------------------------------------------------ events from the center
 
     def _read_events(self) -> None:
-        handlers = {"memory": self._on_memory, "erred": self._on_erred, "lost": self._on_lost}
+        handlers = {"memory": self._on_memory, "erred": self._on_erred, "lost": self._on_lost,
+                    "worker_left": lambda address: self._pool.abort(address)}
         try:
             while True:
                 for msg in self._conn.recv():

@@ -267,11 +267,22 @@ def unpack_exception(blob: Serialized, tb: str) -> BaseException:
         if not isinstance(exc, BaseException):
             raise TypeError(type(exc))
     except Exception:
-        last = tb.strip().splitlines()[-1] if tb.strip() else "unknown error"
-        type_name, _, text = last.partition(": ")
+        type_name, _, text = _last_exception_text(tb).partition(": ")
         exc = RemoteException(type_name, text)
     exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
     return exc
+
+
+def _last_exception_text(tb: str) -> str:
+    """``"Type: message"`` of the last exception in a formatted traceback (all its lines)."""
+    lines = tb.rstrip("\n").splitlines()
+    start = 0
+    for i, line in enumerate(lines):  # the message follows the last frame's indented lines
+        if line.startswith("  File "):
+            start = i + 1
+    while start < len(lines) and lines[start].startswith("    "):
+        start += 1
+    return "\n".join(lines[start:]) or "unknown error"
 
 
 def sizeof(obj: Any) -> int:

@@ -47,6 +47,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -250,11 +251,34 @@ class Serialized:
         self.buffers = tuple(buffers)  # the empty tuple is shared: no cost per small value
 
     def __reduce__(self) -> Any:
-        return Serialized, (self.header, [pickle.PickleBuffer(b) for b in self.buffers])
+        header = self.header
+        if len(header) >= OOB_THRESHOLD:  # a big in-band pickle travels as its own frame too
+            header = pickle.PickleBuffer(header)
+        return Serialized, (header, [pickle.PickleBuffer(b) for b in self.buffers])
 
     @property
     def nbytes(self) -> int:
         return len(self.header) + sum(memoryview(b).nbytes for b in self.buffers)
+
+
+def _lift_bytes(obj: Any, depth: int = 2) -> Any:
+    """Wrap large bytes (also directly inside small lists, tuples and dicts) for out-of-band travel.
+
+    pickle copies plain bytes into the stream; wrapped, they go as their own
+    frames and arrive as the very bytes objects that were received.
+    """
+    typ = type(obj)
+    if typ in (bytes, bytearray):
+        return _Bytes(obj) if len(obj) >= OOB_THRESHOLD else obj
+    if typ is memoryview:  # cloudpickle would copy it into the pickle as bytes
+        return _View(obj) if obj.c_contiguous and obj.nbytes >= OOB_THRESHOLD else obj
+    if depth and typ in (list, tuple) and len(obj) <= 64:
+        items = [_lift_bytes(x, depth - 1) for x in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else typ(items)
+    if depth and typ is dict and len(obj) <= 64:
+        items = {k: _lift_bytes(v, depth - 1) for k, v in obj.items()}
+        return obj if all(items[k] is v for k, v in obj.items()) else items
+    return obj
 
 
 def _needs_by_value(header: bytes) -> bool:
@@ -272,10 +296,7 @@ def serialize(obj: Any) -> Serialized:
     registered to travel by value (so lambdas, closures and classes defined
     in scripts and notebooks work).
     """
-    if type(obj) in (bytes, bytearray) and len(obj) >= OOB_THRESHOLD:
-        obj = _Bytes(obj)
-    elif type(obj) is memoryview and obj.c_contiguous and obj.nbytes >= OOB_THRESHOLD:
-        obj = _View(obj)  # cloudpickle would copy it into the pickle as bytes
+    obj = _lift_bytes(obj)
     buffers: list = []
     try:
         header = pickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
@@ -349,10 +370,13 @@ def write_frames(sock: socket.socket, frames: list) -> None:
     write_views(sock, frame_views(frames))
 
 
-def _read_exact(rfile: Any, n: int) -> bytes:
+def _read_exact(rfile: Any, n: int, first: bool = False) -> bytes:
     data = rfile.read(n)
     if data is None or len(data) != n:
-        raise ConnectionError("connection closed by peer")
+        if first and not data:  # EOF between messages: a clean close
+            raise ConnectionError("connection closed by peer")
+        raise ProtocolError(f"truncated message: connection closed after {len(data or b'')} "
+                            f"of {n} bytes")
     return data
 
 
@@ -361,14 +385,20 @@ def _readinto_exact(rfile: Any, buf: bytearray) -> None:
     while view.nbytes:
         n = rfile.readinto(view)
         if not n:
-            raise ConnectionError("connection closed by peer")
+            raise ProtocolError(f"truncated message: connection closed {view.nbytes} bytes "
+                                "before the end of a frame")
         view = view[n:]
 
 
 def read_frames(rfile: Any, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list:
-    """Read one message's frames from a buffered reader, checking every length first."""
-    (count,) = _COUNT.unpack(_read_exact(rfile, 4))
-    if not 0 < count <= MAX_FRAMES:
+    """Read one message's frames from a buffered reader, checking every length first.
+
+    Raises ConnectionError on EOF between messages and ProtocolError on
+    anything else that is not a whole, well-formed message (EOF inside one
+    included).
+    """
+    (count,) = _COUNT.unpack(_read_exact(rfile, 4, first=True))
+    if not 0 < count <= MAX_FRAMES or 8 * count > max_frame_bytes:
         raise ProtocolError(f"bad frame count {count}")
     lengths = struct.unpack(f"!{count}Q", _read_exact(rfile, 8 * count))
     sizes = [length & ~_WRITABLE for length in lengths]
@@ -435,6 +465,9 @@ def answer_challenge(sock: socket.socket, key: bytes | None, peer: str) -> None:
     sock.sendall(_HELLO.pack(MAGIC, VERSION, _FLAG_HAS_KEY if key else 0))
     status = _recv_exact(sock, 1)[0]
     if status == _OK:
+        if key:  # a real server with a key never waives the proof: this one cannot give it
+            raise AuthenticationError(
+                f"{peer} did not prove it holds the auth key (it claims to need none)")
         return
     if status == _NEEDS_KEY:
         raise AuthenticationError(
@@ -555,10 +588,15 @@ def connect(address: str | tuple[str, int], *, timeout: float = 10.0,
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
         raise ConnectionError(f"cannot connect to {peer}: {e}") from e
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if security.client_ssl is not None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if security.client_ssl is not None:
+        try:
             sock = security.client_ssl.wrap_socket(sock)
+        except OSError as e:  # SSLError, or a reset from a server that does not speak TLS
+            sock.close()
+            raise ConnectionError(f"TLS handshake with {peer} failed (is it a TLS server that "
+                                  f"trusts this client's certificate?): {e}") from e
+    try:
         answer_challenge(sock, security.auth_key, peer)
     except ssl.SSLError as e:
         sock.close()
@@ -585,6 +623,8 @@ class ConnectionPool:
         self.timeout = timeout
         self.max_idle = max_idle
         self._idle: dict[str, list[Connection]] = defaultdict(list)
+        self._busy: dict[str, set[Connection]] = defaultdict(set)  # in a call right now
+        self._aborted: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def acquire(self, address: str) -> tuple[Connection, bool]:
@@ -610,20 +650,45 @@ class ConnectionPool:
         msg = {"op": op, **kwargs}
         for attempt in (0, 1):
             conn, reused = self.acquire(address)
+            with self._lock:
+                self._busy[address].add(conn)
             try:
                 reply = conn.request(msg)
             except RemoteError:
+                self._done(address, conn)
                 self.release(address, conn)
                 raise
             except ConnectionError:
+                self._done(address, conn)
                 conn.close()
-                if reused and attempt == 0 and not isinstance(
+                if reused and attempt == 0 and conn not in self._aborted and not isinstance(
                         sys.exc_info()[1], ProtocolError):
                     continue
                 raise
+            self._done(address, conn)
             self.release(address, conn)
             return reply
         raise AssertionError("unreachable")
+
+    def _done(self, address: str, conn: Connection) -> None:
+        with self._lock:
+            busy = self._busy.get(address)
+            if busy is not None:
+                busy.discard(conn)
+                if not busy:
+                    del self._busy[address]
+
+    def abort(self, address: str) -> None:
+        """Close every connection to ``address``: calls waiting on it fail at once.
+
+        For a peer known to be dead or hung (e.g. a worker the center has
+        removed), whose replies would otherwise be awaited forever.
+        """
+        with self._lock:
+            conns = self._idle.pop(address, []) + list(self._busy.pop(address, ()))
+            self._aborted.update(conns)
+        for conn in conns:
+            conn.close()
 
     def close(self) -> None:
         with self._lock:

@@ -110,6 +110,7 @@ class Worker:
             "compute": self._compute,
             "delete_data": self._on_delete_data,
             "cancel_compute": self._on_cancel,
+            "worker_left": lambda address: self._peers.abort(address),
             "registered": lambda center=None: None,
         }
         self._bind_host = "127.0.0.1"
@@ -164,6 +165,8 @@ class Worker:
             except wire.AuthenticationError as e:
                 logger.error("cannot register with center %s: %s", self.center_address, e)
                 self._fatal = e
+                if self._registered.is_set():  # refused on reconnecting: no way back, stop
+                    os.kill(os.getpid(), 15)
                 return
             except Exception as e:
                 if not isinstance(e, OSError):  # a bug, not the network: say so loudly
@@ -458,10 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, TimeoutError) as e:
         print(f"cannot start worker: {e}", file=sys.stderr)
         return 1
+    if security.auth_key is None:
+        logger.warning("no auth key: listening on %s only", host)
     run_until_signalled(worker.stop, args.exit_on_stdin_close,
                         [f"Start worker at:            {address}",
                          f"Registered with center at:  {worker.center_address}"])
-    return 0
+    return 1 if worker._fatal is not None else 0
 
 
 if __name__ == "__main__":

@@ -103,11 +103,20 @@ def c(cluster):
 
 
 class Proc:
-    """A process started by a test, with its ready lines parsed."""
+    """A process started by a test, with its ready lines parsed and its stderr in a file."""
 
-    def __init__(self, popen: subprocess.Popen, lines: list[str]) -> None:
+    def __init__(self, popen: subprocess.Popen, lines: list[str], log_path: str = "") -> None:
         self.popen = popen
         self.lines = lines
+        self.log_path = log_path
+
+    def log(self) -> str:
+        """Everything the process wrote to stderr so far (its log lines)."""
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
 
     @property
     def pid(self) -> int:
@@ -135,23 +144,29 @@ class Proc:
 
 
 @pytest.fixture
-def spawn():
-    """Start ``python -m minidist.<role> ...``; waits for its ready lines; ends it by PID."""
+def spawn(tmp_path):
+    """Start ``python -m minidist.<role> ...``; waits for its ready lines; ends it by PID.
+
+    stderr goes to a file (``proc.log()``), so a chatty process never
+    blocks on a full pipe.
+    """
     procs: list[Proc] = []
 
     def start(role: str, *args: str, ready: str | None = None, env: dict | None = None,
               timeout: float = 20.0) -> Proc:
         ready = ready or ("Start center at" if role == "center" else "Registered with center")
-        popen = subprocess.Popen([sys.executable, "-m", f"minidist.{role}", *args],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env={**os.environ, **(env or {})})
-        proc = Proc(popen, [])
+        log_path = str(tmp_path / f"{role}-{len(procs)}.log")
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen([sys.executable, "-m", f"minidist.{role}", *args],
+                                     stdout=subprocess.PIPE, stderr=log, text=True,
+                                     env={**os.environ, **(env or {})})
+        proc = Proc(popen, [], log_path)
         procs.append(proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             line = popen.stdout.readline()
             if not line:
-                raise AssertionError(f"{role} exited ({popen.wait()}): {popen.stderr.read()}")
+                raise AssertionError(f"{role} exited ({popen.wait()}): {proc.log()}")
             proc.lines.append(line.rstrip("\n"))
             if line.startswith(ready):
                 return proc
