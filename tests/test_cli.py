@@ -159,7 +159,7 @@ def test_worker_signal_leaves_cleanly(spawn, sig):
         assert e.submit(inc, 1, pure=False).result(timeout=10) == 2
     center.popen.send_signal(signal.SIGTERM)
     assert center.popen.wait(10) == 0
-    log = center.popen.stderr.read()
+    log = center.log()
     assert f"removing worker {leaves.address}: worker is leaving" in log
 
 
