@@ -69,8 +69,8 @@ from collections import deque
 from typing import Any, Callable, Iterable
 
 from . import wire
-from .cli import add_security_args, configure_logging, exit_when_parent_goes, \
-    run_until_signalled, security_from_args
+from .cli import add_security_args, catch_stop_signals, configure_logging, \
+    exit_when_parent_goes, run_until_signalled, security_from_args
 from .task import KilledWorker, LostKeyError, RunSpec, key_name
 from .wire import NO_REPLY, BatchedSender, Connection, Security, Serialized
 
@@ -1027,6 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning")
     add_security_args(parser)
     args = parser.parse_args(argv)
+    catch_stop_signals()
     configure_logging(args.log_level)
     if args.exit_on_stdin_close:
         exit_when_parent_goes()
@@ -1044,8 +1045,8 @@ def main(argv: list[str] | None = None) -> int:
         serve_dashboard(center, host, args.dashboard_port)
     if security.auth_key is None:
         logger.warning("no auth key: listening on %s only", host)
-    print(f"Start center at {address}", flush=True)
-    run_until_signalled(center.stop, args.exit_on_stdin_close)
+    run_until_signalled(center.stop, args.exit_on_stdin_close,
+                        [f"Start center at {address}"])
     return 0
 
 

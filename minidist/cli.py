@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 from .wire import Security
 
@@ -57,14 +57,39 @@ def exit_when_parent_goes() -> None:
     watch_stdin(lambda: os._exit(1))
 
 
-def run_until_signalled(stop: Callable[[], None], exit_on_stdin_close: bool) -> None:
-    """Block the main thread until SIGINT/SIGTERM (or stdin EOF), then call ``stop``."""
-    done = threading.Event()
+_stop_requested = threading.Event()
+_serving = False
+
+
+def catch_stop_signals() -> None:
+    """Handle SIGINT/SIGTERM from now on; call it first thing in ``main``.
+
+    Until the process serves, a signal ends it at once with status 0 (there is
+    nothing to hand over yet); once ``run_until_signalled`` runs, it calls ``stop``.
+    """
+    def handler(signum: int, frame: Any) -> None:
+        _stop_requested.set()
+        if not _serving:
+            raise SystemExit(0)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+        signal.signal(sig, handler)
+
+
+def run_until_signalled(stop: Callable[[], None], exit_on_stdin_close: bool,
+                        ready_lines: Iterable[str] = ()) -> None:
+    """Print the ready lines, block until SIGINT/SIGTERM (or stdin EOF), then call ``stop``.
+
+    The lines go out only once a signal would be handled by ``stop``, so whoever
+    waits for them may signal at once.
+    """
+    global _serving
+    catch_stop_signals()
+    _serving = True
+    for line in ready_lines:
+        print(line, flush=True)
     if exit_on_stdin_close:
-        watch_stdin(done.set)
-    while not done.wait(0.5):
+        watch_stdin(_stop_requested.set)
+    while not _stop_requested.wait(0.5):
         pass
     stop()
 

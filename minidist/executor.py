@@ -116,7 +116,12 @@ class Future(HasKey, concurrent.futures.Future):
         if info.status == "cancelled":
             raise CancelledError()
         if value is _UNFETCHED:
-            value = self._session._fetch([self.key], timeout)[self.key]
+            try:
+                value = self._session._fetch([self.key], timeout)[self.key]
+            except CancelledError:
+                value = self._result  # a shutdown may have fetched it meanwhile
+                if value is _UNFETCHED:
+                    raise
             self._result = value
         return value
 
@@ -135,7 +140,9 @@ class Future(HasKey, concurrent.futures.Future):
         """Cancel if not finished: the center stops the task unless someone else wants it."""
         if not super().cancel():
             return False
-        self.set_running_or_notify_cancel()
+        with self._condition:  # only the first cancel notifies waiters (wait, as_completed)
+            if self._state == concurrent.futures._base.CANCELLED:
+                self.set_running_or_notify_cancel()
         self._session._drop_ref(self)
         return True
 
@@ -233,6 +240,7 @@ class Executor(concurrent.futures.Executor):
         self._news = threading.Condition(self._lock)
         self._shutdown = False
         self._broken: BaseException | None = None
+        self._closed = False
         self._pool = ConnectionPool(self.security, timeout=timeout)
         self._gather_pool: concurrent.futures.ThreadPoolExecutor | None = None
         try:
@@ -368,11 +376,17 @@ class Executor(concurrent.futures.Executor):
             for future in batch:
                 future._result = values[future.key]
 
+    _keep_results = True
+    """Fetch the values of the futures still held before disconnecting (PEP 3148)."""
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; optionally cancel or wait for what is pending; disconnect.
 
-        Keys this session held are released on the cluster.  An owned
-        LocalCluster is shut down too.
+        As with ``ProcessPoolExecutor``, submitted work still completes
+        (``wait=False`` returns at once and lets it finish in the background)
+        and the futures still referenced keep their results: their values are
+        fetched before the session disconnects.  Keys this session held are
+        then released on the cluster.  An owned LocalCluster is shut down too.
         """
         with self._lock:
             if self._shutdown:
@@ -383,11 +397,51 @@ class Executor(concurrent.futures.Executor):
         if cancel_futures:
             for future in pending:
                 future.cancel()
-        if wait and self._broken is None:
-            concurrent.futures.wait(pending)
+        if wait:
+            self._finish(pending)
+        else:
+            threading.Thread(target=self._finish, args=(pending,), name="client-shutdown",
+                             daemon=True).start()
+
+    def _terminate(self) -> None:
+        """Disconnect now: pending futures are cancelled, values not yet fetched are dropped."""
+        with self._lock:
+            self._shutdown = True
+            pending = [f for info in self._keys.values() for f in info.live_futures()
+                       if not f.done()]
+        for future in pending:
+            future.cancel()
         self._close()
 
+    def _finish(self, pending: list[Future]) -> None:
+        """Wait for ``pending``, keep the held results, then disconnect."""
+        try:
+            if self._broken is None:
+                concurrent.futures.wait(pending)
+                if self._keep_results:
+                    self._fetch_held()
+        finally:
+            self._close()
+
+    def _fetch_held(self) -> None:
+        with self._lock:
+            futures = [f for info in self._keys.values() if info.status == "finished"
+                       for f in info.live_futures()
+                       if f._state == FINISHED and f._result is _UNFETCHED]
+        if not futures:
+            return
+        try:
+            values = self._fetch(list({f.key: None for f in futures}), None)
+        except Exception as e:
+            logger.warning("could not fetch held results before shutdown: %r", e)
+            return
+        for future in futures:
+            future._result = values[future.key]
+
     def _close(self) -> None:
+        with self._news:
+            self._closed = True
+            self._news.notify_all()
         self._sender.close(timeout=2)
         self._conn.close()
         self._reader.join(2)
@@ -551,6 +605,8 @@ class Executor(concurrent.futures.Executor):
         end = None if timeout is None else time.monotonic() + timeout
         results: dict = {}
         remaining = list(dict.fromkeys(keys))
+        if remaining and self._closed:
+            raise CancelledError(f"the session was closed before {remaining[0]!r} was fetched")
         while remaining:
             by_worker: dict[str, list] = collections.defaultdict(list)
             generations = {}
@@ -601,6 +657,9 @@ class Executor(concurrent.futures.Executor):
             while True:
                 if self._broken is not None:
                     raise ConnectionError(f"lost the center at {self.address}: {self._broken}")
+                if self._closed:
+                    raise CancelledError(f"the session was closed before {keys[0]!r} was "
+                                         "fetched")
                 if any(self._keys.get(k) is None or self._keys[k].generation != generations[k]
                        for k in keys):
                     return
@@ -800,9 +859,11 @@ class Client(Executor):
         keys = key if isinstance(key, (list, tuple)) else None
         return self._submit_many(fn, calls, keys, pure, opts)
 
+    _keep_results = False  # a closed Client's futures are cancelled, as in dask
+
     def close(self) -> None:
-        """End the session: its keys are released on the cluster."""
-        self.shutdown(wait=False)
+        """End the session: pending futures are cancelled, its keys released on the cluster."""
+        self.shutdown(wait=True, cancel_futures=True)
 
 
 _shared: dict[tuple, Executor] = {}
@@ -844,7 +905,7 @@ def close_shared_sessions(address: str) -> None:
 def _close_all_sessions() -> None:
     for session in list(_sessions):
         try:
-            session.shutdown(wait=False)
+            session._terminate()
         except Exception:
             pass
 

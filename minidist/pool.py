@@ -285,7 +285,7 @@ class Pool:
         RemoteData of this pool cannot be read afterwards.
         """
         self._running = False
-        self._client.shutdown(wait=False, cancel_futures=True)
+        self._client._terminate()
 
     def __enter__(self) -> Pool:
         return self

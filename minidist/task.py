@@ -14,9 +14,13 @@ process can unpickle them.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import traceback
+import types
 from typing import Any, Callable, Iterable
+
+import cloudpickle
 
 from .wire import Serialized, deserialize, serialize
 
@@ -140,13 +144,49 @@ def find_refs(obj: Any, deps: dict) -> Any:
 _func_cache: dict[Any, Serialized] = {}
 
 
+def _import_attribute(module: str, name: str) -> Any:
+    return getattr(importlib.import_module(module), name)
+
+
+class _ModuleAttribute:
+    """Pickles as ``module.name``, to be looked up again where it is unpickled."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __reduce__(self) -> Any:
+        return _import_attribute, (self.module, self.name)
+
+
+def _as_module_attribute(func: Callable) -> _ModuleAttribute | None:
+    """A bound method published by an importable module (``numpy.random.random``), by name.
+
+    Pickled as a method, it would carry a copy of its object (the module's
+    random generator with its current state), so every worker would run the
+    same copy and impure calls would repeat each other's results.
+    """
+    owner = getattr(func, "__self__", None)
+    if owner is None or isinstance(owner, types.ModuleType) or \
+            not isinstance(func, (types.BuiltinMethodType, types.MethodType)):
+        return None
+    module, name = getattr(func, "__module__", None), getattr(func, "__name__", None)
+    if not isinstance(module, str) or not isinstance(name, str) or module == "__main__" or \
+            module in cloudpickle.list_registry_pickle_by_value():
+        return None
+    if getattr(sys.modules.get(module), name, None) is not func:
+        return None
+    return _ModuleAttribute(module, name)
+
+
 def serialize_function(func: Callable) -> Serialized:
     """Pickle a function once (cloudpickle) and reuse the bytes for every task."""
     try:
         return _func_cache[func]
     except (KeyError, TypeError):
         pass
-    s = serialize(func)
+    s = serialize(_as_module_attribute(func) or func)
     try:
         if len(_func_cache) >= 256:
             _func_cache.pop(next(iter(_func_cache)))

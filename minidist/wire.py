@@ -189,6 +189,24 @@ class _Bytes:
         return _identity, (pickle.PickleBuffer(self.value),)
 
 
+def _as_view(buf: Any, fmt: str, shape: tuple) -> memoryview:
+    view = memoryview(buf).cast("B")
+    return view if fmt == "B" and len(shape) == 1 else view.cast(fmt, shape)
+
+
+class _View:
+    """Wrap a contiguous memoryview so that pickling sends its memory out of band."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: memoryview) -> None:
+        self.value = value
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        view = self.value
+        return _as_view, (pickle.PickleBuffer(view), view.format, view.shape)
+
+
 def _oob(buffers: list) -> Callable[[pickle.PickleBuffer], bool]:
     def callback(buf: pickle.PickleBuffer) -> bool:
         if buf.raw().nbytes < OOB_THRESHOLD:
@@ -252,6 +270,8 @@ def _lift_bytes(obj: Any, depth: int = 2) -> Any:
     typ = type(obj)
     if typ in (bytes, bytearray):
         return _Bytes(obj) if len(obj) >= OOB_THRESHOLD else obj
+    if typ is memoryview:  # cloudpickle would copy it into the pickle as bytes
+        return _View(obj) if obj.c_contiguous and obj.nbytes >= OOB_THRESHOLD else obj
     if depth and typ in (list, tuple) and len(obj) <= 64:
         items = [_lift_bytes(x, depth - 1) for x in obj]
         return obj if all(a is b for a, b in zip(items, obj)) else typ(items)

@@ -50,8 +50,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import wire
-from .cli import add_security_args, configure_logging, exit_when_parent_goes, \
-    run_until_signalled, security_from_args
+from .cli import add_security_args, catch_stop_signals, configure_logging, \
+    exit_when_parent_goes, run_until_signalled, security_from_args
 from .task import RunSpec, pack_exception, run, sizeof
 from .wire import NO_REPLY, BatchedSender, Connection, ConnectionPool, Security
 
@@ -61,12 +61,13 @@ logger = logging.getLogger("minidist.worker")
 class _TaskItem:
     """A task received from the center, on its way to a task thread."""
 
-    __slots__ = ("key", "spec", "missing")
+    __slots__ = ("key", "spec", "missing", "cancelled")
 
     def __init__(self, key: Any, spec: RunSpec) -> None:
         self.key = key
         self.spec = spec
         self.missing = 0  # inputs still being fetched
+        self.cancelled = False
 
 
 class Worker:
@@ -87,7 +88,7 @@ class Worker:
         self.nbytes: dict[Any, int] = {}
         self.executed = 0
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
-        self._cancelled: set = set()
+        self._waiting: dict[Any, _TaskItem] = {}  # received, not started: what a cancel stops
         self._fetching: dict[Any, _Future] = {}
         self._fetch_lock = threading.Lock()
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
@@ -241,6 +242,9 @@ class Worker:
             self._send({"op": "heartbeat"})
 
     def _drain_ready(self) -> None:
+        for item in self._waiting.values():  # the center reschedules them after registration
+            item.cancelled = True
+        self._waiting.clear()
         while True:
             try:
                 item = self._ready.get_nowait()
@@ -253,11 +257,10 @@ class Worker:
     # ------------------------------------------------------------------ center ops
 
     def _compute(self, key: Any, spec: RunSpec, who_has: dict) -> None:
-        self._cancelled.discard(key)  # a new assignment overrides an earlier cancel
         if key in self.data:
             self._send({"op": "task_finished", "key": key, "nbytes": self.nbytes.get(key, 0)})
             return
-        item = _TaskItem(key, spec)
+        item = self._waiting[key] = _TaskItem(key, spec)
         missing = {dep: holders for dep, holders in who_has.items() if dep not in self.data}
         if not missing:
             self._ready.put(item)
@@ -272,7 +275,11 @@ class Worker:
             self.nbytes.pop(key, None)
 
     def _on_cancel(self, key: Any) -> None:
-        self._cancelled.add(key)
+        # Only a task not started yet is stopped; a cancel that finds none (the task
+        # already ran) leaves no mark that could swallow a later compute of the key.
+        item = self._waiting.pop(key, None)
+        if item is not None:
+            item.cancelled = True
 
     # ------------------------------------------------------------------ fetching inputs
 
@@ -340,6 +347,8 @@ class Worker:
             if item.missing <= 0:
                 return  # already failed for another input
             item.missing = -1
+            if self._waiting.get(item.key) is item:
+                del self._waiting[item.key]
             if exc.error is not None:  # the holder could not serialize it: an error, not a loss
                 blob, tb = exc.error
                 self._send({"op": "task_erred", "key": item.key, "exception": blob,
@@ -359,8 +368,9 @@ class Worker:
             item = self._ready.get()
             if item is None:
                 return
-            if item.key in self._cancelled:
-                self._cancelled.discard(item.key)
+            if self._waiting.get(item.key) is item:
+                del self._waiting[item.key]
+            if item.cancelled:
                 continue
             self._execute(item)
 
@@ -375,7 +385,6 @@ class Worker:
             return
         finally:
             self.executed += 1
-            self._cancelled.discard(key)
         self.data[key] = result
         nbytes = self.nbytes[key] = sizeof(result)
         self._send({"op": "task_finished", "key": key, "nbytes": nbytes,
@@ -436,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning")
     add_security_args(parser)
     args = parser.parse_args(argv)
+    catch_stop_signals()
     configure_logging(args.log_level)
     if args.exit_on_stdin_close:
         exit_when_parent_goes()
@@ -453,9 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if security.auth_key is None:
         logger.warning("no auth key: listening on %s only", host)
-    print(f"Start worker at:            {address}", flush=True)
-    print(f"Registered with center at:  {worker.center_address}", flush=True)
-    run_until_signalled(worker.stop, args.exit_on_stdin_close)
+    run_until_signalled(worker.stop, args.exit_on_stdin_close,
+                        [f"Start worker at:            {address}",
+                         f"Registered with center at:  {worker.center_address}"])
     return 1 if worker._fatal is not None else 0
 
 
