@@ -89,6 +89,9 @@ PREFETCH_SECONDS = 0.005
 ``MAX_PREFETCH`` tasks a thread): enough to hide a round trip, small enough that the
 rest waits at the center where any worker can take it."""
 MAX_PREFETCH = 64
+STALL_SECONDS = 0.02
+"""A worker that has finished nothing for this long (or three of its mean task times, if
+more) while tasks wait in its prefetch is stalled: idle workers take those tasks back."""
 
 
 class TaskState:
@@ -128,7 +131,7 @@ class WorkerState:
 
     __slots__ = ("address", "name", "nthreads", "conn", "sender", "processing", "pending",
                  "has_what", "nbytes", "last_seen", "pid", "capacity", "min_prefetch",
-                 "duration")
+                 "duration", "last_progress")
 
     def __init__(self, address: str, name: str, nthreads: int, conn: Connection,
                  sender: BatchedSender, pid: int | None, prefetch: int) -> None:
@@ -138,6 +141,7 @@ class WorkerState:
         self.min_prefetch = prefetch
         self.capacity = nthreads + prefetch
         self.duration = 0.0  # moving average of task run time, seconds
+        self.last_progress = time.monotonic()  # last finish, or when it last became busy
         self.conn = conn
         self.sender = sender
         self.processing: dict[TaskState, None] = {}  # ordered: first ones are running
@@ -149,6 +153,12 @@ class WorkerState:
 
     def has_slot(self) -> bool:
         return len(self.processing) < self.capacity
+
+    def stalled_since(self) -> float | None:
+        """When this worker counts as stalled with prefetched tasks, or None if it has none."""
+        if len(self.processing) <= self.nthreads:
+            return None
+        return self.last_progress + max(STALL_SECONDS, 3 * self.duration)
 
     def observe(self, duration: float) -> None:
         """Update the task-duration average and the prefetch depth it implies."""
@@ -208,6 +218,8 @@ class Center:
         self.no_worker: set[TaskState] = set()   # restricted to workers that are not here
         self._dirty: set[WorkerState] = set()    # workers whose free slots need filling
         self._outbox: set[BatchedSender] = set()  # streams with messages queued this tick
+        self._stealing: dict[TaskState, WorkerState] = {}  # asked back from a stalled worker
+        self._next_steal_check = float("inf")
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._stopped = threading.Event()
         self.server = wire.Server({
@@ -225,6 +237,7 @@ class Center:
             "task_erred": self._on_task_erred,
             "missing_data": self._on_missing_data,
             "data_erred": self._on_data_erred,
+            "steal_response": self._on_steal_response,
             "add_keys": self._on_add_keys,
             "heartbeat": lambda ws: None,
             "unregister": lambda ws: self._remove_worker(ws, "worker is leaving"),
@@ -318,8 +331,9 @@ class Center:
         while not stopping:
             # One tick: every event queued so far, then one write per stream touched.
             batch = []
+            wait = min(next_check, self._next_steal_check) - time.monotonic()
             try:
-                batch.append(events.get(timeout=check_every))
+                batch.append(events.get(timeout=max(0.0, wait)))
                 while True:
                     batch.append(events.get_nowait())
             except queue.Empty:
@@ -335,6 +349,8 @@ class Center:
                 if self._dirty:
                     self._fill_dirty()
             now = time.monotonic()
+            if now >= self._next_steal_check:
+                self._check_stalls()
             if now >= next_check:
                 next_check = now + check_every
                 self._check_heartbeats(now)
@@ -414,6 +430,8 @@ class Center:
         log("removing worker %s: %s", ws.address, reason)
         del self.workers[ws.address]
         self._dirty.discard(ws)
+        self._stealing = {ts: thief for ts, thief in self._stealing.items()
+                          if thief is not ws and ts.worker is not ws}
         ws.sender.close(timeout=0)
         ws.conn.close()
         # Whoever waits on a reply from it (it may be hung, not dead) stops waiting.
@@ -464,6 +482,7 @@ class Center:
     def _on_task_finished(self, ws: WorkerState, key: Any, nbytes: int = 0,
                           duration: float = 0.0) -> None:
         ws.observe(duration)
+        ws.last_progress = time.monotonic()
         ts = self.tasks.get(key)
         if ts is None or ts.state in (RELEASED, ERRED, LOST):
             self._post(ws.sender, {"op": "delete_data", "keys": [key]})
@@ -819,6 +838,8 @@ class Center:
     def _assign(self, ts: TaskState, ws: WorkerState) -> None:
         ts.state = PROCESSING
         ts.worker = ws
+        if not ws.processing:
+            ws.last_progress = time.monotonic()
         ws.processing[ts] = None
         who_has = {}
         for dep in ts.deps:
@@ -838,8 +859,63 @@ class Center:
         while ws.has_slot():
             ts = self._pop_pending(ws) or self._pop_queued() or self._steal_for(ws)
             if ts is None:
+                if len(ws.processing) < ws.nthreads:
+                    self._take_back_for(ws)
                 return
             self._assign(ts, ws)
+
+    def _take_back_for(self, thief: WorkerState) -> None:
+        """An idle worker asks stalled workers for tasks sitting in their prefetch.
+
+        The victim gives back only tasks it has not started (``steal_response``),
+        so nothing runs twice.  A victim not stalled yet is looked at again
+        when it would be.
+        """
+        now = time.monotonic()
+        wanted = thief.nthreads - len(thief.processing) - \
+            sum(1 for t in self._stealing.values() if t is thief)
+        for victim in self.workers.values():
+            if wanted <= 0:
+                return
+            if victim is thief:
+                continue
+            since = victim.stalled_since()
+            if since is None:
+                continue
+            if since > now:
+                self._next_steal_check = min(self._next_steal_check, since)
+                continue
+            for ts in reversed(list(victim.processing)[victim.nthreads:]):
+                if wanted <= 0:
+                    break
+                if ts in self._stealing or (ts.restrictions is not None and
+                                            not thief.matches(ts.restrictions)):
+                    continue
+                if self._move_cost(ts, thief) > STEAL_BYTES:
+                    continue
+                self._stealing[ts] = thief
+                self._post(victim.sender, {"op": "steal", "key": ts.key})
+                wanted -= 1
+
+    def _on_steal_response(self, ws: WorkerState, key: Any, ok: bool) -> None:
+        ts = self.tasks.get(key)
+        thief = self._stealing.pop(ts, None) if ts is not None else None
+        if not ok or ts is None or ts.state != PROCESSING or ts.worker is not ws:
+            return
+        del ws.processing[ts]
+        self._dirty.add(ws)
+        if thief is not None and self.workers.get(thief.address) is thief:
+            self._assign(ts, thief)
+        else:
+            ts.worker = None
+            ts.state = RELEASED
+            self._activate([ts])
+
+    def _check_stalls(self) -> None:
+        self._next_steal_check = float("inf")
+        for ws in list(self.workers.values()):
+            if len(ws.processing) < ws.nthreads:
+                self._take_back_for(ws)
 
     @staticmethod
     def _pop_pending(ws: WorkerState) -> TaskState | None:

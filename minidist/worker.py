@@ -89,6 +89,7 @@ class Worker:
         self.executed = 0
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: dict[Any, _TaskItem] = {}  # received, not started: what a cancel stops
+        self._waiting_lock = threading.Lock()  # a task is either started or taken back, not both
         self._fetching: dict[Any, _Future] = {}
         self._fetch_lock = threading.Lock()
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
@@ -110,6 +111,7 @@ class Worker:
             "compute": self._compute,
             "delete_data": self._on_delete_data,
             "cancel_compute": self._on_cancel,
+            "steal": self._on_steal,
             "worker_left": lambda address: self._peers.abort(address),
             "registered": lambda center=None: None,
         }
@@ -242,9 +244,10 @@ class Worker:
             self._send({"op": "heartbeat"})
 
     def _drain_ready(self) -> None:
-        for item in self._waiting.values():  # the center reschedules them after registration
-            item.cancelled = True
-        self._waiting.clear()
+        with self._waiting_lock:
+            for item in self._waiting.values():  # the center reschedules them after registration
+                item.cancelled = True
+            self._waiting.clear()
         while True:
             try:
                 item = self._ready.get_nowait()
@@ -260,7 +263,9 @@ class Worker:
         if key in self.data:
             self._send({"op": "task_finished", "key": key, "nbytes": self.nbytes.get(key, 0)})
             return
-        item = self._waiting[key] = _TaskItem(key, spec)
+        item = _TaskItem(key, spec)
+        with self._waiting_lock:
+            self._waiting[key] = item
         missing = {dep: holders for dep, holders in who_has.items() if dep not in self.data}
         if not missing:
             self._ready.put(item)
@@ -277,9 +282,26 @@ class Worker:
     def _on_cancel(self, key: Any) -> None:
         # Only a task not started yet is stopped; a cancel that finds none (the task
         # already ran) leaves no mark that could swallow a later compute of the key.
-        item = self._waiting.pop(key, None)
-        if item is not None:
+        self._take_back(key)
+
+    def _on_steal(self, key: Any) -> None:
+        """The center wants to run a task elsewhere: give it back if it has not started."""
+        self._send({"op": "steal_response", "key": key, "ok": self._take_back(key)})
+
+    def _take_back(self, key: Any) -> bool:
+        with self._waiting_lock:
+            item = self._waiting.pop(key, None)
+            if item is None:
+                return False
             item.cancelled = True
+            return True
+
+    def _take_waiting(self, item: _TaskItem) -> bool:
+        """A task thread claims ``item``; False if it was cancelled or taken back first."""
+        with self._waiting_lock:
+            if self._waiting.get(item.key) is item:
+                del self._waiting[item.key]
+            return not item.cancelled
 
     # ------------------------------------------------------------------ fetching inputs
 
@@ -347,8 +369,7 @@ class Worker:
             if item.missing <= 0:
                 return  # already failed for another input
             item.missing = -1
-            if self._waiting.get(item.key) is item:
-                del self._waiting[item.key]
+            self._take_waiting(item)
             if exc.error is not None:  # the holder could not serialize it: an error, not a loss
                 blob, tb = exc.error
                 self._send({"op": "task_erred", "key": item.key, "exception": blob,
@@ -368,11 +389,8 @@ class Worker:
             item = self._ready.get()
             if item is None:
                 return
-            if self._waiting.get(item.key) is item:
-                del self._waiting[item.key]
-            if item.cancelled:
-                continue
-            self._execute(item)
+            if self._take_waiting(item):
+                self._execute(item)
 
     def _execute(self, item: _TaskItem) -> None:
         key = item.key

@@ -225,10 +225,8 @@ def test_key_shared_by_two_clients_lives_while_either_holds_it(cluster):
         c2.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a task handed to a busy worker as prefetch waits there "
-                   "behind a long task while another worker sits idle (no stealing back of "
-                   "prefetched tasks)")
 def test_idle_worker_takes_tasks_waiting_behind_a_long_one(e, tmp_path):
+    """Quick tasks prefetched behind a long one are taken back by the idle worker."""
     flag = str(tmp_path / "go")
     long = e.submit(wait_file, flag, "long")
     try:
@@ -240,3 +238,27 @@ def test_idle_worker_takes_tasks_waiting_behind_a_long_one(e, tmp_path):
     finally:
         open(flag, "w").close()
     assert long.result(timeout=10) == "long"
+
+
+def record_run(path, i):
+    with open(path, "a") as f:
+        f.write(f"{i}\n")
+    return i
+
+
+def test_tasks_taken_back_from_a_stalled_worker_run_exactly_once(e, tmp_path):
+    flag = str(tmp_path / "go")
+    log = str(tmp_path / "runs")
+    long = e.submit(wait_file, flag, "long-2")
+    try:
+        wait_for(lambda: any(w["processing"] for w in e._center("workers").values()),
+                 message="the long task running")
+        quick = [e.submit(record_run, log, i, pure=False) for i in range(40)]
+        done, not_done = cf.wait(quick, timeout=5)
+        assert not not_done
+    finally:
+        open(flag, "w").close()
+    assert long.result(timeout=10) == "long-2"
+    assert [f.result() for f in quick] == list(range(40))
+    runs = open(log).read().split()
+    assert sorted(map(int, runs)) == list(range(40)), "a task ran twice or not at all"
