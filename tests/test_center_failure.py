@@ -51,6 +51,8 @@ def test_center_restart_workers_reregister_and_clients_fail_fast(spawn, tmp_path
         results = [e1.submit(inc, i) for i in range(100, 104)]
         assert [f.result(timeout=20) for f in results] == [101, 102, 103, 104]
         pending = e1.submit(wait_for_file, "late", gate)
+        wait_for(lambda: any(w["processing"] for w in e1._center("workers").values()),
+                 message="the pending task running on a worker")
         held = e1.who_has(scattered + results)
         assert all(held.values()) and len(held) == 8
 
