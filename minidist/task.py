@@ -18,7 +18,7 @@ import importlib
 import sys
 import traceback
 import types
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import cloudpickle
 
@@ -313,12 +313,3 @@ def sizeof(obj: Any) -> int:
 def key_name(key: Any) -> str:
     """Short printable form of a key for logs and reprs."""
     return key if isinstance(key, str) else repr(key)
-
-
-def flatten(obj: Any, types: tuple = (list, tuple)) -> Iterable[Any]:
-    """Yield the leaves of nested lists/tuples."""
-    if isinstance(obj, types):
-        for item in obj:
-            yield from flatten(item, types)
-    else:
-        yield obj
