@@ -69,8 +69,7 @@ from collections import deque
 from typing import Any, Callable, Iterable
 
 from . import wire
-from .cli import add_security_args, catch_stop_signals, configure_logging, \
-    exit_when_parent_goes, run_until_signalled, security_from_args
+from .cli import add_common_args, run_until_signalled, start_process
 from .task import KilledWorker, LostKeyError, RunSpec, key_name
 from .wire import NO_REPLY, BatchedSender, Connection, Security, Serialized
 
@@ -1091,8 +1090,6 @@ def _advertised_host(bound: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m minidist.center`` / ``dcenter``."""
     parser = argparse.ArgumentParser(prog="dcenter", description="Start a minidist center.")
-    parser.add_argument("--host", default=None,
-                        help="interface to bind (default 127.0.0.1, or 0.0.0.0 with an auth key)")
     parser.add_argument("--port", type=int, default=wire.DEFAULT_PORT)
     parser.add_argument("--dashboard-port", type=int, default=None,
                         help="serve a JSON status page on this port")
@@ -1100,15 +1097,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds without news before a worker is declared dead")
     parser.add_argument("--allowed-failures", type=int, default=3,
                         help="worker deaths a task may witness before it errs with KilledWorker")
-    parser.add_argument("--log-level", default="warning")
-    add_security_args(parser)
+    add_common_args(parser)
     args = parser.parse_args(argv)
-    catch_stop_signals()
-    configure_logging(args.log_level)
-    if args.exit_on_stdin_close:
-        exit_when_parent_goes()
-    security = security_from_args(args)
-    host = args.host or ("0.0.0.0" if security.auth_key else "127.0.0.1")
+    security, host = start_process(args)
     center = Center(security=security, heartbeat_timeout=args.heartbeat_timeout,
                     allowed_failures=args.allowed_failures)
     try:
@@ -1118,7 +1109,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.dashboard_port is not None:
         from .dashboard import serve_dashboard
-        serve_dashboard(center, host, args.dashboard_port)
+        try:
+            url = serve_dashboard(center, host, args.dashboard_port)
+        except OSError as e:
+            print(f"cannot serve the dashboard on port {args.dashboard_port}: {e}",
+                  file=sys.stderr)
+            center.stop()
+            return 1
+        logger.warning("status page at %s", url)
     if security.auth_key is None:
         logger.warning("no auth key: listening on %s only", host)
     run_until_signalled(center.stop, args.exit_on_stdin_close,

@@ -13,8 +13,11 @@ from typing import Any, Callable, Iterable
 from .wire import Security
 
 
-def add_security_args(parser: argparse.ArgumentParser) -> None:
-    """The auth and TLS flags shared by ``dcenter`` and ``dworker``."""
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The flags ``dcenter`` and ``dworker`` share: where to bind, logging, auth and TLS."""
+    parser.add_argument("--host", default=None,
+                        help="interface to bind (default 127.0.0.1, or 0.0.0.0 with an auth key)")
+    parser.add_argument("--log-level", default="warning")
     parser.add_argument("--auth-key-file", help="file holding the shared auth key "
                         "(default: the MINIDIST_AUTH_KEY environment variable)")
     parser.add_argument("--tls-cert", help="PEM certificate to present")
@@ -24,9 +27,16 @@ def add_security_args(parser: argparse.ArgumentParser) -> None:
                         help=argparse.SUPPRESS)  # used by LocalCluster: die with the parent
 
 
-def security_from_args(args: argparse.Namespace) -> Security:
-    return Security(auth_key_file=args.auth_key_file, tls_cert=args.tls_cert,
-                    tls_key=args.tls_key, tls_ca=args.tls_ca)
+def start_process(args: argparse.Namespace) -> tuple[Security, str]:
+    """First steps of both programs: signals, logging, parent watch; returns security and host."""
+    catch_stop_signals()
+    configure_logging(args.log_level)
+    if args.exit_on_stdin_close:
+        exit_when_parent_goes()
+    security = Security(auth_key_file=args.auth_key_file, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key, tls_ca=args.tls_ca)
+    host = args.host or ("0.0.0.0" if security.auth_key else "127.0.0.1")
+    return security, host
 
 
 _stdin_action: list[Callable[[], None]] = []

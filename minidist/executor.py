@@ -46,7 +46,7 @@ from concurrent.futures._base import FINISHED, PENDING, RUNNING
 from typing import Any, Callable, Iterable, Iterator
 
 from . import wire
-from .task import HasKey, LostKeyError, RunSpec, pack, unpack_exception
+from .task import HasKey, LostKeyError, RunSpec, collect, pack, unpack_exception
 from .wire import BatchedSender, ConnectionPool, Security
 
 logger = logging.getLogger("minidist.executor")
@@ -787,14 +787,7 @@ def _cancelled_info(key: Any) -> _KeyInfo:
 
 
 def _collect_futures(obj: Any, found: dict) -> None:
-    if isinstance(obj, Future):
-        found.setdefault(obj.key, obj)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for item in obj:
-            _collect_futures(item, found)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            _collect_futures(item, found)
+    collect(obj, found, Future)
 
 
 def _keys_in_order(obj: Any) -> Iterator[Any]:

@@ -35,7 +35,7 @@ from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable
 
 from .executor import Executor, Future, shared_session
-from .task import HasKey, key_name
+from .task import HasKey, collect, key_name
 
 logger = logging.getLogger("minidist.pool")
 
@@ -299,14 +299,7 @@ class Pool:
 
 
 def _collect(obj: Any, found: dict) -> None:
-    if isinstance(obj, RemoteData):
-        found.setdefault(obj.key, obj)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for item in obj:
-            _collect(item, found)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            _collect(item, found)
+    collect(obj, found, RemoteData)
 
 
 def _replace(obj: Any, values: dict) -> Any:

@@ -313,3 +313,15 @@ def sizeof(obj: Any) -> int:
 def key_name(key: Any) -> str:
     """Short printable form of a key for logs and reprs."""
     return key if isinstance(key, str) else repr(key)
+
+
+def collect(obj: Any, found: dict, kind: type = HasKey) -> None:
+    """Record each ``kind`` handle inside nested lists, tuples, sets and dicts by key."""
+    if isinstance(obj, kind):
+        found.setdefault(obj.key, obj)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for item in obj:
+            collect(item, found, kind)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            collect(item, found, kind)

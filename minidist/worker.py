@@ -50,8 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import wire
-from .cli import add_security_args, catch_stop_signals, configure_logging, \
-    exit_when_parent_goes, run_until_signalled, security_from_args
+from .cli import add_common_args, run_until_signalled, start_process
 from .task import RunSpec, pack_exception, run, sizeof
 from .wire import NO_REPLY, BatchedSender, Connection, ConnectionPool, Security
 
@@ -451,8 +450,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dworker", description="Start a minidist worker.")
     parser.add_argument("center", help="address of the center, HOST:PORT")
     parser.add_argument("--nthreads", type=int, default=1, help="task threads (default 1)")
-    parser.add_argument("--host", default=None,
-                        help="interface to bind (default 127.0.0.1, or 0.0.0.0 with an auth key)")
     parser.add_argument("--port", type=int, default=0, help="port to serve data on (0: any)")
     parser.add_argument("--name", default=None)
     parser.add_argument("--contact-address", default=None,
@@ -460,15 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--death-timeout", type=float, default=None,
                         help="exit when the center is unreachable this many seconds")
-    parser.add_argument("--log-level", default="warning")
-    add_security_args(parser)
+    add_common_args(parser)
     args = parser.parse_args(argv)
-    catch_stop_signals()
-    configure_logging(args.log_level)
-    if args.exit_on_stdin_close:
-        exit_when_parent_goes()
-    security = security_from_args(args)
-    host = args.host or ("0.0.0.0" if security.auth_key else "127.0.0.1")
+    security, host = start_process(args)
     worker = Worker(args.center, nthreads=args.nthreads, name=args.name, security=security,
                     contact_address=args.contact_address,
                     heartbeat_interval=args.heartbeat_interval,

@@ -289,3 +289,30 @@ def test_busy_worker_leaves_and_its_task_moves(spawn, tmp_path):
         assert e.submit(block_on, flag, pure=False).result(timeout=10) == other.pid
         assert not f.done()
         assert f.cancel()  # or leaving the with block would wait for it forever
+
+
+def test_center_status_page(spawn):
+    """``--dashboard-port`` serves JSON: task counts and the workers, read through the scheduler."""
+    import json
+    import urllib.request
+
+    port = free_port()
+    center = spawn("center", "--port", "0", "--dashboard-port", str(port))
+    worker = spawn("worker", center.address, "--nthreads", "2", "--name", "w-status")
+
+    def status():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=5) as r:
+            assert r.headers["Content-Type"] == "application/json"
+            return json.loads(r.read())
+
+    page = wait_for(lambda: status() if status()["workers"] else None, message="worker listed")
+    assert page["center"] == center.address
+    [(address, info)] = page["workers"].items()
+    assert address == worker.address and info["nthreads"] == 2 and info["name"] == "w-status"
+    assert page["info"]["workers"] == 1
+    with Executor(center.address) as e:
+        f = e.submit(abs, -3)
+        assert f.result(timeout=10) == 3
+        assert status()["info"]["tasks"] == {"memory": 1}
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/nothing", timeout=5)
