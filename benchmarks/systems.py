@@ -110,7 +110,39 @@ def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> Non
         time.sleep(0.02)
 
 
-class Minidist(System):
+class _ClientSystem(System):
+    """What minidist and dask.distributed share: a ``Client`` with the same futures API."""
+
+    client: Any = None
+    scatter_options: dict = {}
+
+    def submit(self, fn: Callable, *args: Any, workers: list[str] | None = None) -> Any:
+        return self.client.submit(fn, *args, workers=workers)
+
+    def result(self, handle: Any) -> Any:
+        return handle.result()
+
+    def gather(self, handles: list) -> list:
+        return self.client.gather(handles)
+
+    def map(self, fn: Callable, *iterables: Any) -> list:
+        return self.client.gather(self.client.map(fn, *iterables))
+
+    def map_futures(self, fn: Callable, *iterables: Any) -> list:
+        return self.client.map(fn, *iterables)
+
+    def scatter(self, obj: Any, worker: str | None = None) -> Any:
+        return self.client.scatter(obj, workers=[worker] if worker else None,
+                                   **self.scatter_options)
+
+    def fetch(self, handle: Any) -> Any:
+        return self.client.gather(handle)
+
+    def cancel(self, handles: list) -> None:
+        self.client.cancel(handles)
+
+
+class Minidist(_ClientSystem):
     """``LocalCluster(n_workers, threads_per_worker=1)`` and a ``Client`` on it."""
 
     name = "minidist"
@@ -134,30 +166,6 @@ class Minidist(System):
             if self.cluster is not None:
                 self.cluster.close()
                 self.cluster = None
-
-    def submit(self, fn: Callable, *args: Any, workers: list[str] | None = None) -> Any:
-        return self.client.submit(fn, *args, workers=workers)
-
-    def result(self, handle: Any) -> Any:
-        return handle.result()
-
-    def gather(self, handles: list) -> list:
-        return self.client.gather(handles)
-
-    def map(self, fn: Callable, *iterables: Any) -> list:
-        return self.client.gather(self.client.map(fn, *iterables))
-
-    def map_futures(self, fn: Callable, *iterables: Any) -> list:
-        return self.client.map(fn, *iterables)
-
-    def scatter(self, obj: Any, worker: str | None = None) -> Any:
-        return self.client.scatter(obj, workers=[worker] if worker else None)
-
-    def fetch(self, handle: Any) -> Any:
-        return self.client.gather(handle)
-
-    def cancel(self, handles: list) -> None:
-        self.client.cancel(handles)
 
     def settle(self, timeout: float = 60.0) -> None:
         _wait_until(lambda: self.client._center("info")["ntasks"] == 0, timeout,
@@ -261,7 +269,7 @@ def _dask_waiting(dask_scheduler: Any) -> int:
     return sum(1 for ts in dask_scheduler.tasks.values() if ts.state == "waiting")
 
 
-class Dask(System):
+class Dask(_ClientSystem):
     """dask.distributed: ``LocalCluster(n_workers, threads_per_worker=1, processes=True)``.
 
     The dashboard is off (it would only cost dask time).  With
@@ -342,30 +350,8 @@ class Dask(System):
             self._tmp.cleanup()
             self._tmp = None
 
-    def submit(self, fn: Callable, *args: Any, workers: list[str] | None = None) -> Any:
-        return self.client.submit(fn, *args, workers=workers)
-
-    def result(self, handle: Any) -> Any:
-        return handle.result()
-
-    def gather(self, handles: list) -> list:
-        return self.client.gather(handles)
-
-    def map(self, fn: Callable, *iterables: Any) -> list:
-        return self.client.gather(self.client.map(fn, *iterables))
-
-    def map_futures(self, fn: Callable, *iterables: Any) -> list:
-        return self.client.map(fn, *iterables)
-
-    def scatter(self, obj: Any, worker: str | None = None) -> Any:
-        # hash=False: no hashing of 256 MB before sending, and no reuse of an earlier copy
-        return self.client.scatter(obj, workers=[worker] if worker else None, hash=False)
-
-    def fetch(self, handle: Any) -> Any:
-        return self.client.gather(handle)
-
-    def cancel(self, handles: list) -> None:
-        self.client.cancel(handles)
+    # hash=False: no hashing of 256 MB before sending, and no reuse of an earlier copy
+    scatter_options = {"hash": False}
 
     def settle(self, timeout: float = 60.0) -> None:
         _wait_until(lambda: self.client.run_on_scheduler(_dask_ntasks) == 0, timeout,

@@ -236,6 +236,31 @@ def floor_bandwidth(floor: SocketFloor, sizes: dict) -> dict:
             "scatter_bytes": send, "gather_bytes": receive, "move_bytes": send}
 
 
+def bandwidth_warmup(system: System, sizes: dict) -> None:
+    """The default warm-up, plus a small array through every worker both ways.
+
+    Workers import numpy lazily, on the first array they unpickle; without
+    this, that import (about 0.1 s) would be timed as part of a transfer.
+    """
+    import numpy as np
+    default_warmup(system, sizes)
+    small = np.arange(1024, dtype="f8")
+    try:
+        workers = system.worker_addresses()
+    except NotSupported:
+        workers = None
+    if workers is None:
+        _check(system.result(system.submit(tasks.nbytes, small)) == small.nbytes, "numpy warm-up")
+        return
+    for worker in workers:
+        handle = system.scatter(small, worker=worker)
+        _check(_same(small, system.fetch(handle)), "numpy warm-up round trip")
+        for other in workers:
+            n = system.result(system.submit(tasks.nbytes, handle, workers=[other]))
+            _check(n == small.nbytes, "numpy warm-up move")
+        del handle
+
+
 # ---------------------------------------------------------------------------- dask_array
 
 _reference: dict = {}
@@ -377,7 +402,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
         [Metric(f"{op}_{kind}", "MB/s", "higher")
          for kind in ("numpy", "bytes") for op in ("scatter", "gather", "move")],
         full={"bytes": 256 * MB}, quick={"bytes": 16 * MB},
-        measure=measure_bandwidth, floor=floor_bandwidth,
+        measure=measure_bandwidth, floor=floor_bandwidth, warmup=bandwidth_warmup,
         start_options=lambda sizes: {"payload_size": sizes["bytes"]},
         targets=[Target(f"{op}_{kind}", ref, op_, bound)
                  for kind in ("numpy", "bytes") for op in ("scatter", "gather")
