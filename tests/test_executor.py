@@ -212,7 +212,7 @@ def test_map_timeout_raises_when_items_are_late(e, flag):
 
 def test_map_timeout_counts_from_the_call(e, flag):
     it = e.map(wait_file, [flag], ["done"], timeout=0.5)
-    time.sleep(0.6)  # the deadline passes before we ask for the first item
+    time.sleep(0.6)  # ok: the deadline must pass before we ask for the first item
     # The item cannot be ready before the flag exists (0.3 s from now).  Counted
     # from the call, the deadline is already over; counted from next(), the
     # item would still arrive in time.
