@@ -102,6 +102,16 @@ def c(cluster):
         client.close()
 
 
+def reap(popen: subprocess.Popen) -> None:
+    """Kill ``popen`` if it still runs, wait for it, and close its pipes."""
+    if popen.poll() is None:
+        popen.kill()
+        popen.wait()
+    for pipe in (popen.stdin, popen.stdout, popen.stderr):
+        if pipe:
+            pipe.close()
+
+
 class Proc:
     """A process started by a test, with its ready lines parsed and its stderr in a file."""
 
@@ -135,12 +145,7 @@ class Proc:
         try:
             return self.popen.wait(timeout)
         finally:
-            if self.popen.poll() is None:
-                self.popen.kill()
-                self.popen.wait()
-            for pipe in (self.popen.stdout, self.popen.stderr):
-                if pipe:
-                    pipe.close()
+            reap(self.popen)
 
 
 @pytest.fixture

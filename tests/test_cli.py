@@ -20,7 +20,7 @@ import pytest
 
 from minidist import Executor
 
-from conftest import wait_for
+from conftest import reap, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADDRESS = r"127\.0\.0\.1:(\d+)"
@@ -131,11 +131,7 @@ def test_console_scripts_declared_and_behave_the_same(spawn):
             assert popen.wait(10) == 0
     finally:
         for popen in procs:
-            if popen.poll() is None:
-                popen.kill()
-                popen.wait()
-            popen.stdout.close()
-            popen.stderr.close()
+            reap(popen)
 
 
 def test_installed_console_scripts_exist():
@@ -192,11 +188,7 @@ def test_worker_waiting_for_its_center_stops_on_signal(sig):
         assert worker.wait(10) == 0
         assert worker.stdout.read() == b""  # it never claimed to be ready
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-        worker.stdout.close()
-        worker.stderr.close()
+        reap(worker)
 
 
 def test_name_and_nthreads_reflected_in_workers(spawn):
@@ -241,11 +233,7 @@ def test_worker_started_before_center_registers_when_it_comes_up(spawn):
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(10) == 0
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-        worker.stdout.close()
-        worker.stderr.close()
+        reap(worker)
 
 
 def test_bad_arguments_fail_clearly():

@@ -12,7 +12,7 @@ import pytest
 
 from minidist import Executor, LocalCluster
 
-from conftest import wait_for
+from conftest import reap, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,11 +117,7 @@ def test_cluster_left_open_at_exit_leaves_nothing():
         wait_for(lambda: not any(alive(p) for p in pids), timeout=15,
                  message="the cluster's processes to exit")
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        child.stdout.close()
-        child.stderr.close()
+        reap(child)
 
 
 def test_cluster_of_a_killed_parent_leaves_nothing():
@@ -134,11 +130,7 @@ def test_cluster_of_a_killed_parent_leaves_nothing():
         wait_for(lambda: not any(alive(p) for p in pids), timeout=15,
                  message="orphaned cluster processes to exit")
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        child.stdout.close()
-        child.stderr.close()
+        reap(child)
 
 
 def test_executor_without_address_owns_its_cluster():
