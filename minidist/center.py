@@ -39,7 +39,10 @@ Life of one task, ``e.submit(inc, 1)``:
    once while work on data still runs where the data is.
 4. The worker runs it and sends ``task_finished``; the task goes to
    ``memory``, the client gets a ``memory`` event naming the holders and
-   fetches the bytes from the worker itself when asked.  Dependents whose
+   fetches the bytes from the worker itself when asked.  A result whose
+   pickle is at most ``worker.INLINE_BYTES`` rides with ``task_finished``
+   and ``memory`` instead (unopened, never stored here), which saves the
+   client a round trip to the worker.  Dependents whose
    last input arrived become ready; inputs nobody waits on any more are
    deleted from the workers (their TaskState stays as lineage while a
    dependent needs it for a possible recompute).
@@ -479,7 +482,7 @@ class Center:
     # ------------------------------------------------------------------ worker messages
 
     def _on_task_finished(self, ws: WorkerState, key: Any, nbytes: int = 0,
-                          duration: float = 0.0) -> None:
+                          duration: float = 0.0, value: Serialized | None = None) -> None:
         ws.observe(duration)
         ws.last_progress = time.monotonic()
         ts = self.tasks.get(key)
@@ -497,9 +500,10 @@ class Center:
                 ts.worker = None
                 self._dirty.add(ws)
         ts.nbytes = nbytes
-        self._to_memory(ts, ws)
+        self._to_memory(ts, ws, value)
 
-    def _to_memory(self, ts: TaskState, ws: WorkerState) -> None:
+    def _to_memory(self, ts: TaskState, ws: WorkerState, value: Serialized | None = None) -> None:
+        """``ts`` is held by ``ws``; tell its clients (with a small ``value``, passed on unopened)."""
         ts.state = MEMORY
         ts.waiting_on = None
         self._add_holder(ts, ws)
@@ -511,6 +515,8 @@ class Center:
                     ready.append(waiter)
         if ts.who_wants:
             msg = {"op": "memory", "key": ts.key, "who_has": [w.address for w in ts.who_has]}
+            if value is not None:
+                msg["value"] = value
             for cid in ts.who_wants:
                 self._post(self.clients[cid].sender, msg)
         for waiter in ready:

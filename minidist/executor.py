@@ -60,13 +60,14 @@ local_cluster_security: dict[str, Security] = {}
 class _KeyInfo:
     """What this session knows of one key, shared by all its Futures."""
 
-    __slots__ = ("key", "status", "who_has", "exception", "tb", "refs", "futures",
+    __slots__ = ("key", "status", "who_has", "value", "exception", "tb", "refs", "futures",
                  "generation")
 
     def __init__(self, key: Any) -> None:
         self.key = key
         self.status = "pending"
         self.who_has: list[str] = []
+        self.value: wire.Serialized | None = None  # a small result that came with its event
         self.exception: BaseException | None = None
         self.tb: str | None = None
         self.refs = 0
@@ -84,7 +85,8 @@ class Future(HasKey, concurrent.futures.Future):
     """A remote result: a ``concurrent.futures.Future`` that names a key on the cluster.
 
     ``done()`` becomes true when the value exists on a worker; ``result()``
-    fetches it from there (once, then caches it).  ``status`` is one of
+    fetches it from there (once, then caches it).  A small result already
+    came with the event that finished the future and is not fetched again.  ``status`` is one of
     ``pending``, ``finished``, ``error``, ``cancelled`` or ``lost``.
     """
 
@@ -107,6 +109,7 @@ class Future(HasKey, concurrent.futures.Future):
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the key, fetch its value from a worker, return it (or raise its error)."""
+        end = None if timeout is None else time.monotonic() + timeout
         value = super().result(timeout)
         info = self._info
         if info.status == "error":
@@ -117,7 +120,8 @@ class Future(HasKey, concurrent.futures.Future):
             raise CancelledError()
         if value is _UNFETCHED:
             try:
-                value = self._session._fetch([self.key], timeout)[self.key]
+                left = None if end is None else max(0.0, end - time.monotonic())
+                value = self._session._fetch_within([self.key], left)[self.key]
             except CancelledError:
                 value = self._result  # a shutdown may have fetched it meanwhile
                 if value is _UNFETCHED:
@@ -610,6 +614,7 @@ class Executor(concurrent.futures.Executor):
         while remaining:
             by_worker: dict[str, list] = collections.defaultdict(list)
             generations = {}
+            inline = {}
             with self._lock:
                 for key in remaining:
                     info = self._keys.get(key)
@@ -618,10 +623,14 @@ class Executor(concurrent.futures.Executor):
                     if info.status in ("error", "lost"):
                         raise info.exception
                     generations[key] = info.generation
-                    if info.who_has:
+                    if info.value is not None:
+                        inline[key] = info.value
+                    elif info.who_has:
                         by_worker[random.choice(info.who_has)].append(key)
+            for key, value in inline.items():
+                results[key] = wire.deserialize(value)
             located = {k for ks in by_worker.values() for k in ks}
-            failed = [k for k in remaining if k not in located]
+            failed = [k for k in remaining if k not in located and k not in inline]
             for address, got, missing in self._map_parallel(
                     lambda item: self._get_data(*item), list(by_worker.items())):
                 results.update(got)
@@ -639,6 +648,16 @@ class Executor(concurrent.futures.Executor):
                 self._sender.send({"op": "locate", "keys": remaining})
             self._wait_for_news(remaining, generations, end)
         return results
+
+    def _fetch_within(self, keys: list, timeout: float | None) -> dict:
+        """``_fetch`` that returns or raises ``TimeoutError`` in time even if a worker hangs."""
+        if timeout is None or self._closed:
+            return self._fetch(keys, timeout)
+        job = self._gather_threads().submit(self._fetch, keys, timeout)
+        try:
+            return job.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"timed out fetching {len(keys)} keys from workers") from None
 
     def _get_data(self, address: str, keys: list) -> tuple[str, dict, list]:
         try:
@@ -671,10 +690,14 @@ class Executor(concurrent.futures.Executor):
     def _map_parallel(self, fn: Callable, items: list) -> list:
         if len(items) <= 1:
             return [fn(item) for item in items]
-        if self._gather_pool is None:
-            self._gather_pool = concurrent.futures.ThreadPoolExecutor(
-                8, thread_name_prefix="gather")
-        return list(self._gather_pool.map(fn, items))
+        return list(self._gather_threads().map(fn, items))
+
+    def _gather_threads(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._gather_pool is None:
+                self._gather_pool = concurrent.futures.ThreadPoolExecutor(
+                    8, thread_name_prefix="gather")
+            return self._gather_pool
 
     # ------------------------------------------------------------------ events from the center
 
@@ -693,13 +716,14 @@ class Executor(concurrent.futures.Executor):
             logger.exception("client event loop failed")
             self._break(e)
 
-    def _on_memory(self, key: Any, who_has: list) -> None:
+    def _on_memory(self, key: Any, who_has: list, value: wire.Serialized | None = None) -> None:
         with self._lock:
             info = self._keys.get(key)
             if info is None:
                 return
             info.status = "finished"
             info.who_has = who_has
+            info.value = value
             info.generation += 1
             futures = info.live_futures()
             self._news.notify_all()

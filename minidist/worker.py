@@ -26,8 +26,9 @@ Life of one task, ``compute(key, spec, who_has)`` from the center:
    reported as ``missing_data`` and the center reschedules.
 3. A task thread unpacks the RunSpec, swaps references for values and
    calls the function.  The result stays in ``data``; the center hears
-   ``task_finished`` with its size, or ``task_erred`` with the pickled
-   exception and the traceback text.
+   ``task_finished`` with its size (and, for a small builtin or numpy
+   result, its pickle, which the center passes on to waiting clients),
+   or ``task_erred`` with the pickled exception and the traceback text.
 4. Clients and peers fetch the value with ``get_data`` when they need it;
    the center sends ``delete_data`` when nobody needs it any more.
 
@@ -55,6 +56,29 @@ from .task import RunSpec, pack_exception, run, sizeof
 from .wire import NO_REPLY, BatchedSender, Connection, ConnectionPool, Security
 
 logger = logging.getLogger("minidist.worker")
+
+
+INLINE_BYTES = 1024
+"""Results whose pickle is at most this long ride with ``task_finished`` to waiting clients."""
+
+_INLINE_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes, tuple, list,
+                           dict, set, frozenset})
+
+
+def _small_value(result: Any, nbytes: int) -> wire.Serialized | None:
+    """The pickled result if it is small enough to travel with its event, else None.
+
+    Only builtin values and objects that report ``nbytes`` (numpy) qualify:
+    their size estimate is honest, so a large result is never pickled here.
+    """
+    if nbytes > INLINE_BYTES or (type(result) not in _INLINE_TYPES
+                                 and not isinstance(getattr(result, "nbytes", None), int)):
+        return None
+    try:
+        value = wire.serialize(result)
+    except Exception:  # clients asking with get_data get the error
+        return None
+    return value if not value.buffers and len(value.header) <= INLINE_BYTES else None
 
 
 class _TaskItem:
@@ -404,8 +428,12 @@ class Worker:
             self.executed += 1
         self.data[key] = result
         nbytes = self.nbytes[key] = sizeof(result)
-        self._send({"op": "task_finished", "key": key, "nbytes": nbytes,
-                    "duration": time.perf_counter() - start})
+        msg = {"op": "task_finished", "key": key, "nbytes": nbytes,
+               "duration": time.perf_counter() - start}
+        value = _small_value(result, nbytes)
+        if value is not None:
+            msg["value"] = value
+        self._send(msg)
 
     # ------------------------------------------------------------------ peer / client ops
 

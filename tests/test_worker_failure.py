@@ -32,6 +32,11 @@ def logged_inc(x, log):
     return x + 1
 
 
+def logged_padded(x, log):
+    """(x + 1, 4 KB of padding): too big to travel with its event, so only its holder has it."""
+    return logged_inc(x, log), bytes(4096)
+
+
 def wait_then_add(x, started, gate, y=0):
     """Write our pid to ``started``, wait until ``gate`` exists, return x + y."""
     with open(started, "a") as f:
@@ -180,16 +185,34 @@ def test_allowed_failures_is_configurable():
 def test_only_holder_of_finished_future_dies_result_recomputes(tmp_path):
     log = str(tmp_path / "x.log")
     with LocalCluster(n_workers=2) as cluster, Client(cluster) as c:
+        x = c.submit(logged_padded, 41, log)
+        wait_for(lambda: x.status == "finished", 20, message="x finished")
+        [holder] = holders(c, x)
+        [pid] = pids_in(log)
+        cluster.stop_worker(proc_with_pid(cluster, pid), signal.SIGKILL)
+        assert x.result(timeout=30) == (42, bytes(4096))
+        assert len(pids_in(log)) == 2 and pids_in(log)[1] != pid
+        assert holders(c, x) and holder not in holders(c, x)
+        y = c.submit(len, x)  # and it is usable as an input again
+        assert y.result(timeout=20) == 2
+
+
+@pytest.mark.timeout(60)
+def test_small_result_survives_its_holder_and_is_recomputed_for_tasks(tmp_path):
+    """A small result came with its event: the client keeps it; the cluster recomputes it."""
+    log = str(tmp_path / "x.log")
+    with LocalCluster(n_workers=2) as cluster, Client(cluster) as c:
         x = c.submit(logged_inc, 41, log)
         wait_for(lambda: x.status == "finished", 20, message="x finished")
         [holder] = holders(c, x)
         [pid] = pids_in(log)
         cluster.stop_worker(proc_with_pid(cluster, pid), signal.SIGKILL)
         assert x.result(timeout=30) == 42
-        assert len(pids_in(log)) == 2 and pids_in(log)[1] != pid
-        assert holders(c, x) and holder not in holders(c, x)
-        y = c.submit(inc, x)  # and it is usable as an input again
-        assert y.result(timeout=20) == 43
+        wait_for(lambda: len(pids_in(log)) == 2, 20, message="x recomputed")
+        assert pids_in(log)[1] != pid
+        wait_for(lambda: holders(c, x) and holder not in holders(c, x), 20,
+                 message="x held by the survivor")
+        assert c.submit(inc, x).result(timeout=20) == 43
 
 
 @pytest.mark.timeout(60)
@@ -236,8 +259,8 @@ def test_sigstopped_worker_is_declared_dead_and_cannot_corrupt_state(tmp_path):
             Path(gate).touch()
             assert slow.result(timeout=20) == 6
             assert held.result(timeout=20) == 1
-            if held_on_victim:
-                assert len(pids_in(log)) == 2  # recomputed, not waited for
+            if held_on_victim:  # recomputed while the victim is stopped, not waited for
+                wait_for(lambda: len(pids_in(log)) == 2, 20, message="held recomputed")
         finally:
             os.kill(victim_pid, signal.SIGCONT)
         # It wakes, finds its stream closed, re-registers with what it holds.
@@ -425,3 +448,23 @@ def test_worker_killed_while_sending_a_large_value_to_a_peer(tmp_path, stall):
         assert holder.address not in c.who_has([big])[big.key]
         assert pids_in(sending) == [holder.pid]
         assert c.submit(inc, 1).result(timeout=10) == 2
+
+
+@pytest.mark.timeout(60)
+def test_small_result_travels_with_its_event_large_one_stays_on_its_worker():
+    """result() of a small value needs no worker: it works while the holder is stopped."""
+    with LocalCluster(n_workers=1, heartbeat_timeout=30) as cluster, Client(cluster) as c:
+        small = c.submit(inc, 1)
+        large = c.submit(bytes, 4096)
+        wait_for(lambda: small.done() and large.done(), 20, message="both finished")
+        [worker] = cluster.workers
+        os.kill(worker.popen.pid, signal.SIGSTOP)
+        try:
+            assert small.result(timeout=5) == 2
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):  # honoured while fetching from a hung worker too
+                large.result(timeout=0.5)
+            assert time.monotonic() - t0 < 3
+        finally:
+            os.kill(worker.popen.pid, signal.SIGCONT)
+        assert large.result(timeout=20) == bytes(4096)
