@@ -1,6 +1,9 @@
 """The end-to-end example of the cluster-core issue, over real processes."""
 
 import concurrent.futures as cf
+import threading
+
+from conftest import wait_for
 
 from minidist import Client, Executor
 
@@ -34,3 +37,64 @@ def test_executor_without_address_owns_a_cluster():
         cluster = e._cluster
         assert len(cluster.workers) == 2
     assert all(p.popen.poll() is not None for p in [cluster.center, *cluster.workers] if p)
+
+
+def test_streams_keep_their_order_when_the_center_is_busy_and_when_idle(cluster):
+    """Quiet streams are handled by their own thread, busy ones queue; both at once.
+
+    Each client submits, waits, drops and resubmits the same keys while
+    another floods the center, so both paths run and hand over often;
+    every result must be right and every released key forgotten.
+    """
+    errors = []
+
+    def churn(n):
+        try:
+            with Executor(cluster) as ex:
+                for i in range(60):
+                    futures = [ex.submit(inc, n * 1000 + j) for j in range(5)]
+                    assert [f.result(timeout=20) for f in futures] == \
+                        [n * 1000 + j + 1 for j in range(5)]
+                    del futures  # release; the next round wants the same keys again
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    with Client(cluster) as flood:
+        base = flood._center("info")["ntasks"]
+        threads = [threading.Thread(target=churn, args=(n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(4):
+            assert sum(flood.gather(flood.map(double, range(2000), pure=False))) == \
+                2 * sum(range(2000))
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        wait_for(lambda: flood._center("info")["ntasks"] <= base, 20,
+                 message="every released key forgotten")
+
+
+def test_an_event_waits_behind_its_streams_queued_events_even_with_the_baton_free():
+    """The center's shortcut must never let a stream's later event overtake an earlier one."""
+    from minidist.center import Center, _Inbox
+
+    center = Center()  # not started: its scheduler thread is not consuming yet
+    seen = []
+    center._event_handlers["probe"] = seen.append
+    first, other = _Inbox(), _Inbox()
+    with center._baton:  # the scheduler is busy: the event is queued
+        center._deliver(first, "probe", ("first-0",))
+    center._deliver(first, "probe", ("first-1",))  # baton free, but first-0 is still queued
+    assert seen == []
+    center._deliver(other, "probe", ("other-0",))  # another stream, nothing queued: handled now
+    assert seen == ["other-0"]
+    center._thread.start()
+    try:
+        wait_for(lambda: len(seen) == 3, 10, message="queued events handled")
+        assert seen == ["other-0", "first-0", "first-1"]
+        center._deliver(first, "probe", ("first-2",))  # caught up: handled by this thread
+        assert seen[-1] == "first-2"
+    finally:
+        center.stop()
+    center._thread.join(5)
+    assert not center._thread.is_alive()
