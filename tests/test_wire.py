@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import pickle
 import socket
 import struct
@@ -104,6 +105,20 @@ def test_numpy_arrays_arrive_writable(pair):
     assert small.flags.writeable
     direct = transfer(pair, {"arr": np.ones(MB)})["arr"]  # a message holding an array
     assert direct.flags.writeable and direct.sum() == MB
+
+
+def test_large_writable_frames_land_in_their_own_memory_and_outlive_the_message(pair):
+    """Arrays of 1 MiB and more are received into a fresh mapping each; bytearrays stay so."""
+    arrays = [np.full(MB, i, dtype="uint8") for i in range(3)]
+    got = transfer(pair, {"arrays": arrays, "ba": bytearray(b"q" * (2 * MB))})
+    assert type(got["ba"]) is bytearray and got["ba"] == bytearray(b"q" * (2 * MB))
+    bases = {id(a.base) for a in got["arrays"]}
+    assert len(bases) == 3  # no shared or reused receive buffer
+    received = got["arrays"]
+    del got
+    gc.collect()
+    received[1][:] = 7  # writing one leaves the others alone
+    assert [int(a.sum()) for a in received] == [0, 7 * MB, 2 * MB]
 
 
 def test_large_values_travel_out_of_band():
