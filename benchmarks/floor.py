@@ -6,11 +6,18 @@ closes.  Commands are one byte plus an 8-byte count:
 
 ``P n``  ping-pong: n rounds of an 8-byte message echoed back;
 ``S n``  sink: receive n bytes into preallocated memory, answer one byte;
+``F n``  sink into fresh memory: the same into a new mapping made for it;
 ``G n``  source: send n bytes from preallocated memory.
+
+Any real transfer of a new value lands in memory the receiver has not
+touched yet, which costs page faults that reused memory does not; the
+``fresh`` variants measure that ceiling, with the fastest fresh memory
+there is (an anonymous mapping populated by the kernel in one go).
 """
 
 from __future__ import annotations
 
+import mmap
 import socket
 import statistics
 import struct
@@ -28,6 +35,14 @@ def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
         if not n:
             raise ConnectionError("peer closed")
         view = view[n:]
+
+
+def fresh_memory(nbytes: int) -> mmap.mmap | bytearray:
+    """Untouched memory for ``nbytes``, pages populated in one go where the OS can."""
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if not populate:
+        return bytearray(nbytes)
+    return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
 
 
 def _send_view(sock: socket.socket, view: memoryview) -> None:
@@ -63,6 +78,11 @@ def serve() -> None:
                 if cmd == b"S":
                     _recv_exactly(conn, memoryview(buffer)[:n])
                     conn.sendall(b"k")
+                elif cmd == b"F":
+                    fresh = fresh_memory(n)
+                    _recv_exactly(conn, memoryview(fresh))
+                    conn.sendall(b"k")
+                    del fresh
                 elif cmd == b"G":
                     _send_view(conn, memoryview(buffer)[:n])
 
@@ -106,25 +126,30 @@ class SocketFloor:
                 out.append(time.perf_counter() - t0)
         return out
 
-    def send(self, nbytes: int) -> float:
-        """Seconds to push ``nbytes`` to the peer until it has them all in memory."""
+    def send(self, nbytes: int, fresh: bool = False) -> float:
+        """Seconds to push ``nbytes`` to the peer until it has them all in memory
+        (``fresh``: in memory it allocates for them)."""
         if len(self._buffer) < nbytes:
             self._buffer = bytearray(b"x" * nbytes)
         ack = bytearray(1)
         t0 = time.perf_counter()
-        self.sock.sendall(_HEADER.pack(b"S", nbytes))
+        self.sock.sendall(_HEADER.pack(b"F" if fresh else b"S", nbytes))
         _send_view(self.sock, memoryview(self._buffer)[:nbytes])
         _recv_exactly(self.sock, memoryview(ack))
         return time.perf_counter() - t0
 
-    def receive(self, nbytes: int) -> float:
-        """Seconds to receive ``nbytes`` from the peer into preallocated memory."""
+    def receive(self, nbytes: int, fresh: bool = False) -> float:
+        """Seconds to receive ``nbytes`` from the peer into preallocated memory
+        (``fresh``: into memory allocated for them, inside the timing)."""
         if len(self._buffer) < nbytes:
             self._buffer = bytearray(b"x" * nbytes)
         t0 = time.perf_counter()
         self.sock.sendall(_HEADER.pack(b"G", nbytes))
-        _recv_exactly(self.sock, memoryview(self._buffer)[:nbytes])
-        return time.perf_counter() - t0
+        target = fresh_memory(nbytes) if fresh else memoryview(self._buffer)[:nbytes]
+        _recv_exactly(self.sock, memoryview(target))
+        elapsed = time.perf_counter() - t0
+        del target
+        return elapsed
 
     def close(self) -> None:
         """Close the connection and stop the peer."""

@@ -226,14 +226,18 @@ def measure_bandwidth(system: System, sizes: dict) -> dict:
 
 def floor_bandwidth(floor: SocketFloor, sizes: dict) -> dict:
     """What the bare socket does: median of 3 transfers each way, after one untimed each
-    (so both sides' buffers are already in memory: the best case)."""
+    (so both sides' buffers are already in memory: the best case).  The ``fresh_*``
+    rows receive into new memory each time, as any transfer of a new value must."""
     size = sizes["bytes"]
     floor.send(size)
     floor.receive(size)
     send = size / MB / statistics.median(floor.send(size) for _ in range(3))
     receive = size / MB / statistics.median(floor.receive(size) for _ in range(3))
+    fresh_send = size / MB / statistics.median(floor.send(size, True) for _ in range(3))
+    fresh_receive = size / MB / statistics.median(floor.receive(size, True) for _ in range(3))
     return {"scatter_numpy": send, "gather_numpy": receive, "move_numpy": send,
-            "scatter_bytes": send, "gather_bytes": receive, "move_bytes": send}
+            "scatter_bytes": send, "gather_bytes": receive, "move_bytes": send,
+            "fresh_send": fresh_send, "fresh_receive": fresh_receive}
 
 
 def bandwidth_warmup(system: System, sizes: dict) -> None:
@@ -399,8 +403,9 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload(
         "bandwidth", "scatter / gather of a numpy array and a bytes object, and a "
         "worker-to-worker move (MB = 2^20 bytes)",
-        [Metric(f"{op}_{kind}", "MB/s", "higher")
-         for kind in ("numpy", "bytes") for op in ("scatter", "gather", "move")],
+        [*(Metric(f"{op}_{kind}", "MB/s", "higher")
+           for kind in ("numpy", "bytes") for op in ("scatter", "gather", "move")),
+         Metric("fresh_send", "MB/s", "higher"), Metric("fresh_receive", "MB/s", "higher")],
         full={"bytes": 256 * MB}, quick={"bytes": 16 * MB},
         measure=measure_bandwidth, floor=floor_bandwidth, warmup=bandwidth_warmup,
         start_options=lambda sizes: {"payload_size": sizes["bytes"]},
