@@ -568,7 +568,7 @@ class Center:
         self._to_memory(ts, ws, value)
 
     def _to_memory(self, ts: TaskState, ws: WorkerState, value: Serialized | None = None) -> None:
-        """``ts`` is held by ``ws``; tell its clients (with a small ``value``, passed on unopened)."""
+        """``ts`` is held by ``ws``; tell its clients (a small ``value`` is passed on unopened)."""
         ts.state = MEMORY
         ts.waiting_on = None
         self._add_holder(ts, ws)

@@ -86,8 +86,9 @@ class Future(HasKey, concurrent.futures.Future):
 
     ``done()`` becomes true when the value exists on a worker; ``result()``
     fetches it from there (once, then caches it).  A small result already
-    came with the event that finished the future and is not fetched again.  ``status`` is one of
-    ``pending``, ``finished``, ``error``, ``cancelled`` or ``lost``.
+    came with the event that finished the future and is not fetched again.
+    ``status`` is one of ``pending``, ``finished``, ``error``, ``cancelled``
+    or ``lost``.
     """
 
     __dask_future__ = True  # dask (delayed, persisted graphs) treats it as its key's value
@@ -653,7 +654,10 @@ class Executor(concurrent.futures.Executor):
         """``_fetch`` that returns or raises ``TimeoutError`` in time even if a worker hangs."""
         if timeout is None or self._closed:
             return self._fetch(keys, timeout)
-        job = self._gather_threads().submit(self._fetch, keys, timeout)
+        try:
+            job = self._gather_threads().submit(self._fetch, keys, timeout)
+        except RuntimeError:  # closing right now: _fetch says so
+            return self._fetch(keys, timeout)
         try:
             return job.result(timeout)
         except concurrent.futures.TimeoutError:
