@@ -68,8 +68,10 @@ _INLINE_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes, tu
 def _small_value(result: Any, nbytes: int) -> wire.Serialized | None:
     """The pickled result if it is small enough to travel with its event, else None.
 
-    Only builtin values and objects that report ``nbytes`` (numpy) qualify:
-    their size estimate is honest, so a large result is never pickled here.
+    Only builtin values and objects that report ``nbytes`` (numpy) qualify,
+    because ``sizeof`` estimates them well: a large result is pickled here
+    only when it is a container whose unsampled items are large, and the
+    length check below then drops it.
     """
     if nbytes > INLINE_BYTES or (type(result) not in _INLINE_TYPES
                                  and not isinstance(getattr(result, "nbytes", None), int)):
