@@ -57,6 +57,8 @@ from .wire import NO_REPLY, BatchedSender, Connection, ConnectionPool, Security
 
 logger = logging.getLogger("minidist.worker")
 
+_FIRST_RETRY = 0.005
+"""Seconds before the first redial of an unreachable center; doubles up to 2 s."""
 
 INLINE_BYTES = 1024
 """Results whose pickle is at most this long ride with ``task_finished`` to waiting clients."""
@@ -184,7 +186,9 @@ class Worker:
     # ------------------------------------------------------------------ center stream
 
     def _center_loop(self) -> None:
-        delay = 0.05
+        # A refused dial on a local network costs next to nothing, and a center
+        # started alongside its workers is usually listening within milliseconds.
+        delay = _FIRST_RETRY
         lost_since = time.monotonic()
         while not self._stopping.is_set():
             try:
@@ -210,7 +214,7 @@ class Worker:
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            delay = 0.05
+            delay = _FIRST_RETRY
             self._serve_center(conn)
             lost_since = time.monotonic()
             if not self._stopping.is_set():
