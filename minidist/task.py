@@ -20,9 +20,7 @@ import traceback
 import types
 from typing import Any, Callable
 
-import cloudpickle
-
-from .wire import Serialized, deserialize, serialize
+from .wire import Serialized, deserialize, pickled_by_value, serialize
 
 
 class TaskRef:
@@ -173,7 +171,7 @@ def _as_module_attribute(func: Callable) -> _ModuleAttribute | None:
         return None
     module, name = getattr(func, "__module__", None), getattr(func, "__name__", None)
     if not isinstance(module, str) or not isinstance(name, str) or module == "__main__" or \
-            module in cloudpickle.list_registry_pickle_by_value():
+            module in pickled_by_value():
         return None
     if getattr(sys.modules.get(module), name, None) is not func:
         return None

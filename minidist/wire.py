@@ -46,16 +46,19 @@ import pickle
 import secrets
 import socket
 import socketserver
-import ssl
 import struct
 import sys
 import threading
 import time
 import weakref
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-import cloudpickle
+if TYPE_CHECKING:
+    import ssl
+
+# ``ssl`` and ``cloudpickle`` are imported when first needed (TLS configured; a
+# value plain pickle cannot carry): each costs a process about 10 ms to start.
 
 logger = logging.getLogger("minidist.wire")
 
@@ -140,6 +143,7 @@ def ssl_context(*, server_side: bool, cert: str | None = None, key: str | None =
     """
     if not (cert or key or ca):
         return None
+    import ssl
     if server_side:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         if ca:
@@ -235,6 +239,7 @@ def dumps(obj: Any) -> list:
     try:
         head = pickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
     except Exception:
+        import cloudpickle
         buffers = []
         head = cloudpickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
     return [head, *buffers]
@@ -290,11 +295,20 @@ def _lift_bytes(obj: Any, depth: int = 2) -> Any:
     return obj
 
 
+def pickled_by_value() -> Iterable[str]:
+    """Modules registered with ``cloudpickle.register_pickle_by_value``.
+
+    Nobody can have registered one before cloudpickle was imported.
+    """
+    cloudpickle = sys.modules.get("cloudpickle")
+    return cloudpickle.list_registry_pickle_by_value() if cloudpickle else ()
+
+
 def _needs_by_value(header: bytes) -> bool:
     """Does a plain pickle refer to code a worker may not be able to import?"""
     if b"__main__" in header:
         return True
-    return any(name.encode() in header for name in cloudpickle.list_registry_pickle_by_value())
+    return any(name.encode() in header for name in pickled_by_value())
 
 
 def serialize(obj: Any) -> Serialized:
@@ -312,6 +326,7 @@ def serialize(obj: Any) -> Serialized:
         if _needs_by_value(header):
             raise pickle.PicklingError("refers to code that must travel by value")
     except Exception:
+        import cloudpickle
         buffers = []
         try:
             header = cloudpickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
@@ -347,13 +362,24 @@ def frame_views(frames: list) -> list[memoryview]:
     return [memoryview(header), *views]
 
 
+def _is_tls(sock: socket.socket) -> bool:
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(sock, ssl.SSLSocket)
+
+
+def _tls_errors() -> tuple[type[BaseException], ...]:
+    """What an ``except`` clause catches for TLS failures (nothing before ``ssl`` is loaded)."""
+    ssl = sys.modules.get("ssl")
+    return (ssl.SSLError,) if ssl is not None else ()
+
+
 def write_views(sock: socket.socket, views: list, blocking: bool = True) -> list:
     """Write views with ``sendmsg`` (no concatenation); returns what is left unsent.
 
     Non-blocking mode stops when the socket buffer is full.  Over TLS there
     is no ``sendmsg``: small views are joined and written with ``sendall``.
     """
-    if isinstance(sock, ssl.SSLSocket):
+    if _is_tls(sock):
         small: list = []
         for v in views:
             if v.nbytes < 65536:
@@ -630,7 +656,7 @@ def connect(address: str | tuple[str, int], *, timeout: float = 10.0,
                                   f"trusts this client's certificate?): {e}") from e
     try:
         answer_challenge(sock, security.auth_key, peer)
-    except ssl.SSLError as e:
+    except _tls_errors() as e:
         sock.close()
         raise ConnectionError(f"TLS handshake with {peer} failed: {e}") from e
     except ConnectionError as e:
@@ -779,7 +805,7 @@ class BatchedSender:
         self._leftover: list | None = None  # unsent views of a frame, for the writer thread
         self._last_write = 0.0
         self._closing = False
-        self._inline_ok = not isinstance(conn.sock, ssl.SSLSocket)
+        self._inline_ok = not _is_tls(conn.sock)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 

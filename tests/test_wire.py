@@ -6,6 +6,8 @@ import gc
 import pickle
 import socket
 import struct
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -485,3 +487,17 @@ def test_serialized_is_opaque_and_comparable():
     assert deserialize(t)["a"].sum() == np.arange(5000).sum()
     with pytest.raises(TypeError, match="cannot serialize"):
         serialize(threading.Lock())
+
+
+def test_tls_and_cloudpickle_load_only_when_needed():
+    """Each costs a starting process about 10 ms; plain clusters need neither."""
+    code = ("import sys\n"
+            "import minidist.center, minidist.worker, minidist.executor\n"
+            "from minidist.wire import deserialize, serialize\n"
+            "print(sorted(m for m in ('ssl', 'cloudpickle') if m in sys.modules))\n"
+            "assert deserialize(serialize(lambda x: x + 1))(1) == 2\n"
+            "print('cloudpickle' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "True"]
