@@ -4,8 +4,8 @@
 (``keys`` is a key or nested lists of keys; the values come back in the
 same nesting), so ``x.compute(scheduler=partial(get, host, port))`` runs a
 dask collection on the cluster.  ``Executor.get``, ``compute`` and
-``persist`` and the ``Client``'s place as dask's default scheduler are
-built here too.
+``persist`` are built here too (the ``Client``'s place as dask's default
+scheduler is in ``default_scheduler``).
 
 How a graph becomes tasks::
 
@@ -457,33 +457,6 @@ def persist(session: Executor, collections: Any, *, optimize_graph: bool = True)
             rebuild, args = item.__dask_postpersist__()
             result.append(rebuild(mine, *args))
     return result[0] if singleton else result
-
-
-def register_default_scheduler(client: Executor) -> Any:
-    """Make ``client.get`` dask's default scheduler; returns it (None without dask)."""
-    try:
-        import dask.config
-    except ImportError:
-        return None
-    client._previous_scheduler = dask.config.get("scheduler", None)
-    dask.config.set(scheduler=client.get)
-    return client.get
-
-
-def unregister_default_scheduler(client: Executor) -> None:
-    """Give dask back the scheduler it had before ``client`` (skipping closed clients)."""
-    import dask.config
-    if dask.config.get("scheduler", None) != client.get:
-        return  # another scheduler was set since: leave it
-    previous = getattr(client, "_previous_scheduler", None)
-    seen = set()
-    while previous is not None and id(previous) not in seen:
-        seen.add(id(previous))
-        owner = getattr(previous, "__self__", None)
-        if not (isinstance(owner, Executor) and owner._shutdown):
-            break
-        previous = getattr(owner, "_previous_scheduler", None)
-    dask.config.set(scheduler=previous)
 
 
 __all__ = ["compute", "get", "get_with", "graph_to_tasks", "persist", "submit_graph"]

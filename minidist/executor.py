@@ -46,6 +46,7 @@ from concurrent.futures._base import FINISHED, PENDING, RUNNING
 from typing import Any, Callable, Iterable, Iterator
 
 from . import wire
+from .default_scheduler import register_default_scheduler, unregister_default_scheduler
 from .task import HasKey, LostKeyError, RunSpec, collect, pack, unpack_exception
 from .wire import BatchedSender, ConnectionPool, Security
 
@@ -849,7 +850,8 @@ class Client(Executor):
 
     On creation it becomes dask's default scheduler, so a bare ``.compute()``
     runs on the cluster (``set_as_default=False`` opts out; the previous
-    scheduler comes back when it closes).  Everything else is the
+    scheduler comes back when it closes).  dask is not imported for that:
+    if it is not loaded yet, the Client registers when it is.  Everything else is the
     Executor's; ``close()`` ends the session.
     """
 
@@ -858,15 +860,13 @@ class Client(Executor):
     def __init__(self, address: Any = None, *, set_as_default: bool = True,
                  **kwargs: Any) -> None:
         super().__init__(address, **kwargs)
-        self._default_scheduler: Any = None
+        self._set_as_default = set_as_default
         if set_as_default:
-            from .dask_get import register_default_scheduler
-            self._default_scheduler = register_default_scheduler(self)
+            register_default_scheduler(self)
 
     def _close(self) -> None:
         super()._close()
-        if self._default_scheduler is not None:
-            from .dask_get import unregister_default_scheduler
+        if self._set_as_default:
             unregister_default_scheduler(self)
 
     def map(self, fn: Callable, *iterables: Iterable, key: Any = None, pure: bool = True,

@@ -339,6 +339,15 @@ def test_futures_inside_delayed(c):
     assert dask.delayed(lambda xs: [v * 2 for v in xs])(remote).compute() == [10, 12]
 
 
+def run_script(cluster, script: str) -> None:
+    """Run ``script`` in a fresh interpreter that may use ``cluster``; it must print ok."""
+    env = {**os.environ, "MINIDIST_AUTH_KEY": cluster.auth_key.decode()}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == "ok"
+
+
 def test_import_without_dask(cluster, hp):
     host, port = hp
     script = f"""
@@ -354,8 +363,49 @@ client.close()
 assert sys.modules['dask'] is None and 'dask.config' not in sys.modules
 print('ok')
 """
-    env = {**os.environ, "MINIDIST_AUTH_KEY": cluster.auth_key.decode()}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr.decode()
-    assert done.stdout.decode().strip() == "ok"
+    run_script(cluster, script)
+
+
+def test_client_becomes_the_default_when_dask_is_imported_after_it(cluster):
+    """Opening a Client does not import dask; importing dask later makes it the default."""
+    script = f"""
+import os, sys
+from minidist import Client
+first = Client({cluster.address!r})
+second = Client({cluster.address!r})
+closed = Client({cluster.address!r})
+closed.close()
+loaded = [m for m in ('dask', 'dask.config') if m in sys.modules]
+assert not loaded, loaded
+import dask
+assert dask.config.get('scheduler') == second.get
+assert dask.delayed(os.getpid)().compute() != os.getpid()
+second.close()
+assert dask.config.get('scheduler') == first.get
+first.close()
+assert dask.config.get('scheduler', None) is None
+later = Client({cluster.address!r})
+assert dask.config.get('scheduler') == later.get
+later.close()
+assert dask.config.get('scheduler', None) is None
+assert not any(type(f).__module__.startswith('minidist') for f in sys.meta_path)
+print('ok')
+"""
+    run_script(cluster, script)
+
+
+def test_closing_every_waiting_client_removes_the_import_hook(cluster):
+    script = f"""
+import sys
+from minidist import Client
+clients = [Client({cluster.address!r}) for _ in range(2)]
+hooks = [f for f in sys.meta_path if type(f).__module__.startswith('minidist')]
+assert len(hooks) == 1, sys.meta_path
+for client in clients:
+    client.close()
+assert not any(type(f).__module__.startswith('minidist') for f in sys.meta_path)
+import dask
+assert dask.config.get('scheduler', None) is None
+print('ok')
+"""
+    run_script(cluster, script)
