@@ -295,10 +295,11 @@ class Center:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, host: str = "127.0.0.1", port: int = wire.DEFAULT_PORT) -> str:
-        """Bind, start the scheduler thread, and return the address to advertise."""
+    def start(self, host: str = "127.0.0.1", port: int = wire.DEFAULT_PORT,
+              sock: socket.socket | None = None) -> str:
+        """Bind (or serve ``sock``, already listening), start the scheduler, return the address."""
         wire.warn_if_exposed(host, self.security, "center")
-        bound_host, bound_port = self.server.listen(host, port)
+        bound_host, bound_port = self.server.listen(host, port, sock)
         self._thread.start()
         self.address = wire.format_address(_advertised_host(bound_host), bound_port)
         return self.address
@@ -1168,13 +1169,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds without news before a worker is declared dead")
     parser.add_argument("--allowed-failures", type=int, default=3,
                         help="worker deaths a task may witness before it errs with KilledWorker")
+    parser.add_argument("--listen-fd", type=int, default=None,
+                        help=argparse.SUPPRESS)  # used by LocalCluster: serve this socket
     add_common_args(parser)
     args = parser.parse_args(argv)
     security, host = start_process(args)
     center = Center(security=security, heartbeat_timeout=args.heartbeat_timeout,
                     allowed_failures=args.allowed_failures)
     try:
-        address = center.start(host, args.port)
+        sock = None if args.listen_fd is None else socket.socket(fileno=args.listen_fd)
+        address = center.start(host, args.port, sock)
     except OSError as e:
         print(f"cannot start center on {host}:{args.port}: {e}", file=sys.stderr)
         return 1

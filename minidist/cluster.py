@@ -53,10 +53,14 @@ class Process:
         return f"<{self.role} pid={self.pid} {self.address}>"
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def _listening_socket(host: str) -> socket.socket:
+    """A socket bound to a free port of ``host`` and listening, for the center to serve.
+
+    Bound here, the port cannot be taken by anyone else before the center
+    runs, and workers dialling it early wait in its queue instead of being
+    refused.
+    """
+    return socket.create_server((host, 0), backlog=512)
 
 
 class LocalCluster:
@@ -94,16 +98,19 @@ class LocalCluster:
         if self.auth_key:
             env["MINIDIST_AUTH_KEY"] = self.auth_key.decode()
         self._env = env
-        port = _free_port(host)
-        self.address = wire.format_address(host, port)
-        center_args = ["--port", str(port)]
+        listener = _listening_socket(host)
+        self.address = wire.format_address(host, listener.getsockname()[1])
+        center_args = ["--listen-fd", str(listener.fileno())]
         if heartbeat_timeout is not None:
             center_args += ["--heartbeat-timeout", str(heartbeat_timeout)]
         if allowed_failures is not None:
             center_args += ["--allowed-failures", str(allowed_failures)]
         _clusters.add(self)
         try:
-            self.center = self._spawn("center", center_args)
+            try:
+                self.center = self._spawn("center", center_args, pass_fds=(listener.fileno(),))
+            finally:
+                listener.close()  # the center's copy is the only one: a dead center refuses
             self.workers = [self._spawn_worker(threads_per_worker) for _ in range(n_workers)]
             self._wait_ready([self.center, *self.workers])
         except BaseException:
@@ -113,12 +120,12 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ processes
 
-    def _spawn(self, role: str, args: list[str]) -> Process:
+    def _spawn(self, role: str, args: list[str], pass_fds: tuple[int, ...] = ()) -> Process:
         cmd = [sys.executable, "-m", f"minidist.{role}", *args, "--host", self.host,
                "--log-level", self.log_level, "--exit-on-stdin-close",
                *self.security.cli_args()]
         popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 env=self._env, start_new_session=True)
+                                 env=self._env, start_new_session=True, pass_fds=pass_fds)
         return Process(popen, role)
 
     def _spawn_worker(self, nthreads: int | None, name: str | None = None) -> Process:

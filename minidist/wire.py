@@ -931,9 +931,14 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 512
 
-    def __init__(self, address: tuple[str, int], owner: "Server") -> None:
+    def __init__(self, address: tuple[str, int], owner: "Server",
+                 sock: socket.socket | None = None) -> None:
         self.owner = owner
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, bind_and_activate=sock is None)
+        if sock is not None:  # adopt a socket that is already bound and listening
+            self.socket.close()
+            self.socket = sock
+            self.server_address = sock.getsockname()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         logger.exception("error on connection from %s", client_address)
@@ -966,9 +971,14 @@ class Server:
         self._conns: set[Connection] = set()
         self._conns_lock = threading.Lock()
 
-    def listen(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        """Bind and start serving in a background thread; returns the bound address."""
-        self._tcp = _TCPServer((host, port), self)
+    def listen(self, host: str = "127.0.0.1", port: int = 0,
+               sock: socket.socket | None = None) -> tuple[str, int]:
+        """Bind and start serving in a background thread; returns the bound address.
+
+        ``sock``, a socket already bound and listening, is served instead of
+        binding ``host:port``: connections it queued before are served too.
+        """
+        self._tcp = _TCPServer((host, port), self, sock)
         self._thread = threading.Thread(target=self._tcp.serve_forever,
                                         kwargs={"poll_interval": 0.05},
                                         name=f"{self.name}-accept", daemon=True)

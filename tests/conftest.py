@@ -158,13 +158,13 @@ def spawn(tmp_path):
     procs: list[Proc] = []
 
     def start(role: str, *args: str, ready: str | None = None, env: dict | None = None,
-              timeout: float = 20.0) -> Proc:
+              timeout: float = 20.0, pass_fds: tuple[int, ...] = ()) -> Proc:
         ready = ready or ("Start center at" if role == "center" else "Registered with center")
         log_path = str(tmp_path / f"{role}-{len(procs)}.log")
         with open(log_path, "wb") as log:
             popen = subprocess.Popen([sys.executable, "-m", f"minidist.{role}", *args],
                                      stdout=subprocess.PIPE, stderr=log, text=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, pass_fds=pass_fds)
         proc = Proc(popen, [], log_path)
         procs.append(proc)
         deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from minidist import Executor
+from minidist import Executor, wire
 
 from conftest import reap, wait_for
 
@@ -86,6 +86,28 @@ def test_center_prints_ready_line_with_port(spawn):
     assert m and int(m.group(1)) > 0
     with socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=5):
         pass  # it is listening once the line is out
+
+
+def test_center_serves_the_listening_socket_it_is_handed(spawn):
+    """LocalCluster binds the center's port itself; a dial queued before the center runs is served."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    early = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        center = spawn("center", "--listen-fd", str(listener.fileno()),
+                       pass_fds=(listener.fileno(),))
+    finally:
+        listener.close()
+    assert center.address == f"127.0.0.1:{port}"
+    wire.answer_challenge(early, wire.resolve_auth_key(), center.address)
+    conn = wire.Connection(early, center.address)
+    try:
+        assert conn.request({"op": "info"})["workers"] == 0
+    finally:
+        conn.close()
+    spawn("worker", center.address)
+    with Executor(center.address) as e:
+        assert e.submit(inc, 1).result(timeout=10) == 2
 
 
 def test_worker_prints_two_ready_lines_and_computes(spawn):

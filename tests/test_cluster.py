@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from minidist import Executor, LocalCluster
+from minidist import Executor, LocalCluster, wire
 
 from conftest import reap, wait_for
 
@@ -48,6 +49,16 @@ def test_local_cluster_runs_real_processes(cluster):
         info = e._center("workers")
         assert {w["pid"] for w in info.values()} == {w.pid for w in cluster.workers}
         assert e.submit(inc, 1).result(timeout=10) == 2
+
+
+def test_a_dead_center_refuses_dials():
+    """LocalCluster hands its listening socket to the center and keeps no copy of it."""
+    with LocalCluster(n_workers=1) as cluster:
+        host, port = wire.parse_address(cluster.address)
+        os.kill(cluster.center.pid, signal.SIGKILL)
+        cluster.center.popen.wait(10)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, port), timeout=5).close()
 
 
 def test_context_manager_and_close_leave_nothing():
