@@ -126,17 +126,21 @@ def find_refs(obj: Any, deps: dict) -> Any:
     if isinstance(obj, HasKey):
         deps[obj.key] = obj
         return TaskRef(obj.key)
-    if typ in (list, tuple, set, frozenset):
-        items = [find_refs(x, deps) for x in obj]
-        if all(a is b for a, b in zip(items, obj)):
-            return obj
-        return typ(items)
     if typ is dict:
-        values = {k: find_refs(v, deps) for k, v in obj.items()}
-        if all(values[k] is v for k, v in obj.items()):
-            return obj
-        return values
-    return obj
+        values = None
+        for k, v in obj.items():
+            if type(v) not in _ATOMIC and (found := find_refs(v, deps)) is not v:
+                values = values or dict(obj)
+                values[k] = found
+        return obj if values is None else values
+    if typ not in (list, tuple, set, frozenset):
+        return obj
+    items = None
+    for i, x in enumerate(obj):
+        if type(x) not in _ATOMIC and (found := find_refs(x, deps)) is not x:
+            items = items or list(obj)
+            items[i] = found
+    return obj if items is None else typ(items)
 
 
 _func_cache: dict[Any, Serialized] = {}

@@ -275,24 +275,37 @@ class Serialized:
         return len(self.header) + sum(memoryview(b).nbytes for b in self.buffers)
 
 
+_PLAIN = frozenset({int, float, str, bool, type(None), complex})
+"""Types ``_lift_bytes`` has nothing to look at in (most task arguments)."""
+
+
 def _lift_bytes(obj: Any, depth: int = 2) -> Any:
     """Wrap large bytes (also directly inside small lists, tuples and dicts) for out-of-band travel.
 
     pickle copies plain bytes into the stream; wrapped, they go as their own
-    frames and arrive as the very bytes objects that were received.
+    frames and arrive as the very bytes objects that were received.  A
+    container is copied only when something inside it was wrapped.
     """
     typ = type(obj)
     if typ in (bytes, bytearray):
         return _Bytes(obj) if len(obj) >= OOB_THRESHOLD else obj
     if typ is memoryview:  # cloudpickle would copy it into the pickle as bytes
         return _View(obj) if obj.c_contiguous and obj.nbytes >= OOB_THRESHOLD else obj
-    if depth and typ in (list, tuple) and len(obj) <= 64:
-        items = [_lift_bytes(x, depth - 1) for x in obj]
-        return obj if all(a is b for a, b in zip(items, obj)) else typ(items)
-    if depth and typ is dict and len(obj) <= 64:
-        items = {k: _lift_bytes(v, depth - 1) for k, v in obj.items()}
-        return obj if all(items[k] is v for k, v in obj.items()) else items
-    return obj
+    if typ not in (list, tuple, dict) or not depth or len(obj) > 64:
+        return obj
+    if typ is dict:
+        items = None
+        for k, v in obj.items():
+            if type(v) not in _PLAIN and (lifted := _lift_bytes(v, depth - 1)) is not v:
+                items = items or dict(obj)
+                items[k] = lifted
+        return obj if items is None else items
+    changed = None
+    for i, x in enumerate(obj):
+        if type(x) not in _PLAIN and (lifted := _lift_bytes(x, depth - 1)) is not x:
+            changed = changed or list(obj)
+            changed[i] = lifted
+    return obj if changed is None else typ(changed)
 
 
 def pickled_by_value() -> Iterable[str]:

@@ -98,6 +98,18 @@ def test_round_trip_user_values_through_serialize(pair):
     assert got["object"] == values["object"]
 
 
+def test_large_bytes_inside_small_containers_travel_as_their_own_frames(pair):
+    big, other = b"b" * MB, bytearray(b"o" * MB)
+    value = (1, "x", [big, 2, None], {"k": other, "n": 3.5})
+    s = serialize(value)
+    assert len(s.buffers) == 2 and len(s.header) < 1000
+    got = deserialize(transfer(pair, s))
+    assert got == value
+    assert type(got[2][0]) is bytes and type(got[3]["k"]) is bytearray
+    plain = serialize((1, "x", [2, None], {"n": 3.5}))
+    assert not plain.buffers
+
+
 def test_numpy_arrays_arrive_writable(pair):
     arr = np.arange(2 * MB, dtype="uint8")
     got = deserialize(transfer(pair, serialize(arr)))
