@@ -4,10 +4,11 @@ The processes are started with the same command lines a user would type
 (``python -m minidist.center`` / ``python -m minidist.worker``), all at
 once: the center's socket is bound and listening here, and handed to the
 center process, so the workers need not wait for it to print its address
-(a worker that dials early waits in the socket's queue).  Each child watches its stdin, a pipe from this
-process, and exits if it closes, so nothing outlives an interpreter that
-dies.  ``close()`` sends SIGTERM (workers first), waits, then SIGKILLs
-stragglers; it runs at interpreter exit for clusters left open.
+(a worker that dials early waits in the socket's queue).  Each child
+watches its stdin, a pipe from this process, and exits if it closes, so
+nothing outlives an interpreter that dies.  ``close()`` sends SIGTERM
+(workers first), waits, then SIGKILLs stragglers; it runs at interpreter
+exit for clusters left open.
 """
 
 from __future__ import annotations

@@ -851,8 +851,8 @@ class Client(Executor):
     On creation it becomes dask's default scheduler, so a bare ``.compute()``
     runs on the cluster (``set_as_default=False`` opts out; the previous
     scheduler comes back when it closes).  dask is not imported for that:
-    if it is not loaded yet, the Client registers when it is.  Everything else is the
-    Executor's; ``close()`` ends the session.
+    if it is not loaded yet, the Client registers when it is.  Everything
+    else is the Executor's; ``close()`` ends the session.
     """
 
     asynchronous = False  # what dask asks of a client given as ``scheduler=``

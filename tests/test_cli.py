@@ -89,7 +89,7 @@ def test_center_prints_ready_line_with_port(spawn):
 
 
 def test_center_serves_the_listening_socket_it_is_handed(spawn):
-    """LocalCluster binds the center's port itself; a dial queued before the center runs is served."""
+    """LocalCluster binds the center's port; a dial queued before the center runs is served."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     early = socket.create_connection(("127.0.0.1", port), timeout=10)
