@@ -1062,6 +1062,10 @@ class Server:
     def stop(self) -> None:
         """Stop accepting and close every open connection."""
         if self._tcp is not None:
+            try:  # wakes the accept loop at once instead of at its next poll (Linux)
+                self._tcp.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._tcp.shutdown()
             self._tcp.server_close()
             self._tcp = None
