@@ -1180,7 +1180,8 @@ def main(argv: list[str] | None = None) -> int:
         sock = None if args.listen_fd is None else socket.socket(fileno=args.listen_fd)
         address = center.start(host, args.port, sock)
     except OSError as e:
-        print(f"cannot start center on {host}:{args.port}: {e}", file=sys.stderr)
+        where = f"{host}:{args.port}" if args.listen_fd is None else f"socket {args.listen_fd}"
+        print(f"cannot start center on {where}: {e}", file=sys.stderr)
         return 1
     if args.dashboard_port is not None:
         from .dashboard import serve_dashboard

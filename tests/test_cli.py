@@ -276,6 +276,15 @@ def test_center_port_in_use_fails_clearly(spawn):
     assert "cannot start center" in out.stderr
 
 
+def test_center_handed_a_closed_socket_fails_clearly():
+    with socket.socket() as s:
+        closed_fd = s.fileno()  # closed on leaving the block; not inherited either way
+    out = subprocess.run([sys.executable, "-m", "minidist.center", "--listen-fd", str(closed_fd)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert f"cannot start center on socket {closed_fd}" in out.stderr
+
+
 def block_on(path):
     while not os.path.exists(path):
         time.sleep(0.01)
