@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 # starts without importing the client side, and ``import minidist`` stays cheap.
 _EXPORTS = {
     "AuthenticationError": "wire", "Client": "executor", "Executor": "executor",
-    "Future": "executor", "KilledWorker": "task", "LocalCluster": "cluster",
-    "LostKeyError": "task", "Pool": "pool", "RemoteData": "pool",
+    "Future": "executor", "KeyConflictError": "task", "KilledWorker": "task",
+    "LocalCluster": "cluster", "LostKeyError": "task", "Pool": "pool", "RemoteData": "pool",
     "RemoteException": "task", "get": "dask_get",
 }
 __all__ = sorted(_EXPORTS)
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .dask_get import get
     from .executor import Client, Executor, Future
     from .pool import Pool, RemoteData
-    from .task import KilledWorker, LostKeyError, RemoteException
+    from .task import KeyConflictError, KilledWorker, LostKeyError, RemoteException
     from .wire import AuthenticationError
 
 

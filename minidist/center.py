@@ -84,7 +84,7 @@ from typing import Any, Callable, Iterable
 
 from . import wire
 from .cli import add_common_args, run_until_signalled, start_process
-from .task import KilledWorker, LostKeyError, RunSpec, key_name
+from .task import KeyConflictError, KilledWorker, LostKeyError, RunSpec, key_name
 from .wire import NO_REPLY, BatchedSender, Connection, Security, Serialized
 
 logger = logging.getLogger("minidist.center")
@@ -207,13 +207,28 @@ class WorkerState:
 
 
 class ClientState:
-    __slots__ = ("id", "sender", "conn", "wants")
+    __slots__ = ("id", "sender", "conn", "wants", "refused")
 
     def __init__(self, client_id: str, conn: Connection, sender: BatchedSender) -> None:
         self.id = client_id
         self.conn = conn
         self.sender = sender
         self.wants: set[TaskState] = set()
+        self.refused: set = set()  # keys refused as conflicts, until the client releases them
+
+
+def _same_spec(a: RunSpec, b: RunSpec) -> bool:
+    """Whether two packed tasks are the same computation (same pickled function and args)."""
+    return a is b or (_same_bytes(a.func, b.func) and _same_bytes(a.args, b.args))
+
+
+def _same_bytes(a: Serialized, b: Serialized) -> bool:
+    if a is b:
+        return True
+    if len(a.buffers) != len(b.buffers) or memoryview(a.header) != memoryview(b.header):
+        return False
+    return all(memoryview(x).cast("B") == memoryview(y).cast("B")
+               for x, y in zip(a.buffers, b.buffers))
 
 
 def _add(ts: TaskState, attr: str, item: Any) -> None:
@@ -714,10 +729,21 @@ class Center:
             except Exception:
                 logger.exception("bad message from client %s: %.200r", conn.peer, msg)
 
-    def _update_graph(self, cs: ClientState, tasks: list = (), wants: Iterable = ()) -> None:
-        """New tasks ``(key, spec, dep_keys, opts)`` and the keys this client wants."""
+    def _update_graph(self, cs: ClientState, tasks: list = (), wants: Iterable = (),
+                      check: bool = False) -> None:
+        """New tasks ``(key, spec, dep_keys, opts)`` and the keys this client wants.
+
+        With ``check`` (keys the client named itself), a task whose key the
+        center already knows for a different task is refused (see
+        ``_conflicts``), and so is every task that depends on it.  Tasks that no wanted key reaches are forgotten again
+        at the end, so a graph leaves nothing behind that it did not use.
+        """
+        conflicts = self._conflicts(cs, tasks, check) if tasks and (check or cs.refused) \
+            else None
         new = []
         for key, spec, dep_keys, opts in tasks:
+            if conflicts and key in conflicts:
+                continue
             ts = self.tasks.get(key)
             if ts is None:
                 ts = self.tasks[key] = TaskState(key, spec)
@@ -747,6 +773,12 @@ class Center:
                         [workers] if isinstance(workers, str) else workers)
         roots = []
         for key in wants:
+            if conflicts and key in conflicts:
+                exc = KeyConflictError(conflicts[key])
+                cs.refused.add(key)
+                self._post(cs.sender, {"op": "erred", "key": key, "exception":
+                                       wire.serialize(exc), "traceback": str(exc)})
+                continue
             ts = self.tasks.get(key)
             if ts is None:
                 self._post(cs.sender, {"op": "lost", "key": key,
@@ -759,6 +791,46 @@ class Center:
             else:
                 self._report(ts, cs)
         self._activate(roots)
+        for ts, _, _ in new:
+            if ts.state == RELEASED:
+                self._forget_if_unreferenced(ts)
+
+    def _conflicts(self, cs: ClientState, tasks: list, check: bool) -> dict:
+        """Keys of ``tasks`` the center holds for another task, and those that need them.
+
+        A key is one computation: a task sent under a key whose known task was
+        packed differently (other function or arguments) is refused rather
+        than answered with the other task's value, and so is every task that
+        depends on a refused one (in this message, or refused to this client
+        before).  Returns key -> reason.
+        """
+        conflicts = {}
+        for key, spec, _, _ in tasks if check else ():
+            ts = self.tasks.get(key)
+            if ts is not None and ts.spec is not None and spec is not None and \
+                    not _same_spec(ts.spec, spec):
+                conflicts[key] = (f"key {key_name(key)!r} is already on the cluster for a "
+                                  "different task; give this task another key")
+        if not conflicts and not cs.refused:
+            return conflicts
+        refused = {k: f"key {key_name(k)!r} was refused" for k in cs.refused}
+        grew = True
+        while grew:  # spread to dependents in the message, whatever its order
+            grew = False
+            for key, _, dep_keys, _ in tasks:
+                if key not in conflicts:
+                    for dep in dep_keys:
+                        reason = conflicts.get(dep) or refused.get(dep)
+                        if reason:
+                            conflicts[key] = (f"task {key_name(key)!r} depends on "
+                                              f"{key_name(dep)!r}: {reason}")
+                            grew = True
+                            break
+        if not conflicts:
+            return conflicts
+        logger.warning("refused %d tasks whose keys hold different tasks (e.g. %s)",
+                       len(conflicts), next(iter(conflicts.values())))
+        return conflicts
 
     def _report(self, ts: TaskState, cs: ClientState) -> None:
         """Tell one client where ``ts`` stands, if it has finished one way or another."""
@@ -772,6 +844,8 @@ class Center:
             self._post(cs.sender, {"op": "lost", "key": ts.key, "reason": ts.tb or "lost"})
 
     def _on_release(self, cs: ClientState, keys: Iterable) -> None:
+        if cs.refused:
+            cs.refused.difference_update(keys)
         for key in keys:
             ts = self.tasks.get(key)
             if ts is None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
@@ -159,12 +160,15 @@ def _flat(expr: Any) -> Any:
 class _Converter:
     """Turns graph nodes into expressions, collecting each node's dependencies."""
 
-    def __init__(self, dsk: Mapping, spec: Any = None) -> None:
+    def __init__(self, dsk: Mapping, spec: Any = None, names: dict | None = None) -> None:
         self.dsk = dsk
         self.spec = spec  # the dask._task_spec module, for dask graphs
+        self.names = names  # graph key -> key on the cluster, when they differ
         self.deps: dict[Any, None] = {}
 
     def ref(self, key: Any) -> _Ref:
+        if self.names is not None:
+            key = self.names.get(key, key)
         self.deps[key] = None
         return _Ref(key)
 
@@ -293,12 +297,15 @@ def _priorities(dsk: dict, is_dask: bool) -> dict | None:
         return None
 
 
-def _check_acyclic(exprs: dict) -> None:
-    """Raise ValueError if the graph's keys depend on each other in a cycle."""
+def _check_acyclic(exprs: dict, graph_key: dict) -> None:
+    """Raise ValueError if the graph's keys depend on each other in a cycle.
+
+    ``graph_key`` maps a dependency's key on the cluster back to its graph key.
+    """
     waiting = {}
     dependents: dict[Any, list] = {}
     for key, (_, deps) in exprs.items():
-        inner = [d for d in deps if d in exprs]
+        inner = [g for g in (graph_key.get(d, d) for d in deps) if g in exprs]
         waiting[key] = len(inner)
         for dep in inner:
             dependents.setdefault(dep, []).append(key)
@@ -316,38 +323,68 @@ def _check_acyclic(exprs: dict) -> None:
                          f"(among them {stuck})")
 
 
-def graph_to_tasks(dsk: Any, wants: list) -> tuple[list, list]:
+def private_key(key: Any, tag: str) -> Any:
+    """``key`` made private to one call: its name gets ``-<tag>``, its shape stays.
+
+    ``'x'`` becomes ``'x-<tag>'`` and ``('x', 0, 1)`` becomes ``('x-<tag>', 0, 1)``,
+    so the name a dashboard or a log shows is still the graph's.
+    """
+    if isinstance(key, str):
+        return f"{key}-{tag}"
+    if isinstance(key, tuple) and key and isinstance(key[0], str):
+        return (f"{key[0]}-{tag}", *key[1:])
+    return (f"get-{tag}", key)
+
+
+def graph_to_tasks(dsk: Any, wants: list, tag: str | None = None) -> tuple[list, list]:
     """Pack a graph: ``(tasks, wants)`` ready for ``Executor._send_tasks``.
 
     With dask's priorities, tasks, their dependencies and the wanted keys are
-    ordered so that the center activates (and queues) them in that order.
+    ordered so that the center activates (and queues) them in that order;
+    ``wants`` comes back as graph keys in that order.  With a ``tag``, every
+    key of the graph is sent as ``private_key(key, tag)``, so the graph shares
+    nothing with what the cluster already holds under the same names; a
+    wanted key missing from such a graph raises ``KeyError`` (without a tag,
+    it may name data already on the cluster).
     """
     dsk, spec = _normalize(dsk)
-    convert = _Converter(dsk, spec)
+    names = None
+    if tag is not None:
+        for key in wants:
+            if key not in dsk:
+                raise KeyError(key)
+        names = {k: private_key(k, tag) for k in dsk}
+    convert = _Converter(dsk, spec, names)
     to_expr = convert.raw if spec is None else convert.node
     exprs = {}
     for key, value in dsk.items():
         convert.deps = {}
         exprs[key] = (to_expr(value), tuple(convert.deps))
-    _check_acyclic(exprs)
+    graph_key = {v: k for k, v in names.items()} if names else {}
+    _check_acyclic(exprs, graph_key)
     priority = _priorities(dsk, spec is not None)
     if priority is not None:
         last = len(priority)
         rank = lambda k: priority.get(k, last)  # noqa: E731
+        dep_rank = lambda k: priority.get(graph_key.get(k, k), last)  # noqa: E731
         order = sorted(exprs, key=rank)
-        exprs = {k: (e, tuple(sorted(deps, key=rank, reverse=True)))
+        exprs = {k: (e, tuple(sorted(deps, key=dep_rank, reverse=True)))
                  for k in order for e, deps in [exprs[k]]}
         wants = sorted(wants, key=rank, reverse=True)
-    tasks = [(key, _pack(expr, deps), deps, None) for key, (expr, deps) in exprs.items()]
+    name = (lambda k: k) if names is None else names.__getitem__
+    tasks = [(name(key), _pack(expr, deps), deps, None) for key, (expr, deps) in exprs.items()]
     return tasks, wants
 
 
-def submit_graph(session: Executor, dsk: Any, keys: list) -> dict:
-    """Send a whole graph in one message; a Future for each of ``keys``."""
-    wants = list(dict.fromkeys(keys))
-    tasks, ordered = graph_to_tasks(dsk, wants)
-    futures = session._send_tasks(tasks, ordered)
-    return dict(zip(ordered, futures))
+def submit_graph(session: Executor, dsk: Any, keys: list, private: bool = False) -> dict:
+    """Send a whole graph in one message; graph key -> Future for each of ``keys``.
+
+    ``private`` sends the graph under keys of its own (see ``graph_to_tasks``).
+    """
+    tag = uuid.uuid4().hex if private else None
+    tasks, ordered = graph_to_tasks(dsk, list(dict.fromkeys(keys)), tag)
+    cluster_keys = ordered if tag is None else [private_key(k, tag) for k in ordered]
+    return dict(zip(ordered, session._send_tasks(tasks, cluster_keys)))
 
 
 # ---------------------------------------------------------------------------
@@ -363,18 +400,24 @@ def _flatten_keys(keys: Any) -> Iterator[Any]:
 
 
 def _nest(keys: Any, values: dict) -> Any:
+    """The values of ``keys``, lists of keys becoming tuples (dask's own schedulers do so)."""
     if isinstance(keys, list):
-        return [_nest(k, values) for k in keys]
+        return tuple(_nest(k, values) for k in keys)
     return values[keys]
 
 
 def get_with(session: Executor, dsk: Any, keys: Any) -> Any:
-    """Compute ``keys`` of ``dsk`` on ``session``'s cluster; release everything after."""
+    """Compute ``keys`` of ``dsk`` on ``session``'s cluster; release everything after.
+
+    The graph runs under keys private to this call (``private_key``): a graph
+    key names a value only within its graph, so another graph, or a key a
+    client holds, that uses the same name for something else is never
+    mistaken for it.  Whatever happens, nothing the call created stays held.
+    """
     flat = list(dict.fromkeys(_flatten_keys(keys)))
-    futures = submit_graph(session, dsk, flat)
+    futures = submit_graph(session, dsk, flat, private=True)
     try:
-        ordered = list(futures.values())
-        values = dict(zip(futures, session.gather(ordered)))
+        values = dict(zip(futures, session.gather(list(futures.values()))))
     finally:
         session._release(futures.values())
     return _nest(keys, values)

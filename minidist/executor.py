@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import wire
 from .default_scheduler import register_default_scheduler, unregister_default_scheduler
-from .task import HasKey, LostKeyError, RunSpec, collect, pack, unpack_exception
+from .task import HasKey, KeyConflictError, LostKeyError, RunSpec, collect, pack, unpack_exception
 from .wire import BatchedSender, ConnectionPool, Security
 
 logger = logging.getLogger("minidist.executor")
@@ -62,7 +62,7 @@ class _KeyInfo:
     """What this session knows of one key, shared by all its Futures."""
 
     __slots__ = ("key", "status", "who_has", "value", "exception", "tb", "refs", "futures",
-                 "generation")
+                 "generation", "token")
 
     def __init__(self, key: Any) -> None:
         self.key = key
@@ -74,6 +74,7 @@ class _KeyInfo:
         self.refs = 0
         self.futures: list[weakref.ref] = []
         self.generation = 0  # bumps on every event, so fetchers can wait for news
+        self.token: str | None = None  # of the task, for a key named with ``key=``
 
     def live_futures(self) -> list[Future]:
         alive = [f for f in (r() for r in self.futures) if f is not None]
@@ -289,14 +290,18 @@ class Executor(concurrent.futures.Executor):
                      keys: Iterable[Any] | None, pure: bool, opts: dict | None) -> list[Future]:
         name = funcname(fn)
         tasks = []
+        named = {}  # explicitly named key -> token of its task
         for (args, kwargs), key in zip(calls, keys or itertools.repeat(None)):
             spec, deps = pack(fn, args, kwargs)
             if key is None:
                 key = f"{name}-{_token(spec) if pure else uuid.uuid4()}"
+            else:
+                named[key] = _token(spec)
             tasks.append((key, spec, tuple(deps), opts))
-        return self._send_tasks(tasks, [t[0] for t in tasks])
+        return self._send_tasks(tasks, [t[0] for t in tasks], named)
 
-    def _send_tasks(self, tasks: list[tuple], wants: list) -> list[Future]:
+    def _send_tasks(self, tasks: list[tuple], wants: list,
+                    named: dict | None = None) -> list[Future]:
         """Send packed tasks ``(key, RunSpec, dep_keys, opts)``; one Future per key in ``wants``.
 
         This is what ``submit``, ``map``, Pool and the dask scheduler share:
@@ -304,19 +309,35 @@ class Executor(concurrent.futures.Executor):
         tasks whose keys this session already wants are not sent again.
         Only the keys in ``wants`` are held (and so kept) for the caller;
         the others live while a wanted task still needs them.
+
+        ``named`` maps keys the caller chose (``key=``) to a token of their
+        task.  Such a key names one computation: one this session already
+        holds for another task gives a Future failed with
+        ``KeyConflictError``, and the center refuses one it knows for another
+        task (``check``).  Other keys are tokens of their task (pure calls,
+        dask collections) or private to one call (``get``).
         """
         with self._lock:
             self._check_open()
             futures = []
             fresh = set()
             for key in wants:
+                info = self._keys.get(key) if named else None
+                if info is not None and key in named and info.token != named[key]:
+                    futures.append(_conflicting_future(key, self))
+                    continue
                 future, is_new = self._new_future(key)
                 futures.append(future)
                 if is_new:
                     fresh.add(key)
+                    if named and key in named:
+                        future._info.token = named[key]
             new = [t for t in tasks if t[0] in fresh or t[0] not in self._keys]
             if new or fresh:
-                self._sender.send({"op": "update_graph", "tasks": new, "wants": list(fresh)})
+                msg = {"op": "update_graph", "tasks": new, "wants": list(fresh)}
+                if named:
+                    msg["check"] = True
+                self._sender.send(msg)
         return futures
 
     def _new_future(self, key: Any) -> tuple[Future, bool]:
@@ -807,6 +828,19 @@ class Executor(concurrent.futures.Executor):
     def __repr__(self) -> str:
         state = "closed" if self._shutdown else "connected"
         return f"<{type(self).__name__}: center={self.address} {state}>"
+
+
+def _conflicting_future(key: Any, session: Executor) -> Future:
+    """A Future for a task refused because this session holds ``key`` for another task."""
+    info = _KeyInfo(key)
+    info.status = "error"
+    info.exception = KeyConflictError(
+        f"key {key!r} already names another task in this session; give this task another "
+        "key, or drop the futures of the other task first")
+    future = Future(key, session, info)
+    future._released = True  # it never held the key
+    future._fail(info.exception)
+    return future
 
 
 def _cancelled_info(key: Any) -> _KeyInfo:

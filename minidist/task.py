@@ -79,11 +79,23 @@ class KilledWorker(Exception):
                 f"(the last was {self.last_worker}); giving up on it")
 
 
-class LostKeyError(Exception):
-    """The only copy of a key's data died with its worker and it cannot be recomputed."""
+class LostKeyError(KeyError):
+    """A key's data is gone and cannot be recomputed: its only copy died with its
+    worker, or the key is not known to the center at all.
+
+    A ``KeyError``, as dask's scheduler-function contract asks of a missing key.
+    """
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "key lost"
+
+
+class KeyConflictError(ValueError):
+    """A task was submitted under a key the cluster already holds for a different task.
+
+    Two computations never share a key: the first keeps it, the second gets
+    this error (never the first one's value).
+    """
 
 
 class RemoteException(Exception):
