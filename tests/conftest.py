@@ -17,6 +17,7 @@ from typing import Callable
 import cloudpickle
 import pytest
 
+import gates
 from minidist import Client, Executor, LocalCluster
 
 SESSION_MARK = f"minidist-test-{uuid.uuid4().hex}"
@@ -67,6 +68,7 @@ def _ship_test_functions_by_value(request):
 
 
 _registered: set[str] = set()
+cloudpickle.register_pickle_by_value(gates)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,7 +6,6 @@ import concurrent.futures
 import os
 import subprocess
 import sys
-import time
 from functools import partial
 from operator import add
 
@@ -21,6 +20,7 @@ import pytest
 from minidist import Client, Executor, Pool, get
 from minidist.wire import AuthenticationError
 from conftest import wait_for
+from gates import wait_for_file
 
 
 class Custom(Exception):
@@ -41,16 +41,6 @@ def div(a, b):
 
 def total(*args):
     return sum(args)
-
-
-def wait_for_file(x, path):
-    """Hold a worker thread until the test creates ``path`` (bounded)."""
-    deadline = time.monotonic() + 60
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.01)
-    return x
 
 
 def record(x, path):

@@ -8,10 +8,8 @@ failed must leave nothing behind for the next graph that uses the same names.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
-import time
 from functools import partial
 from operator import add
 
@@ -20,6 +18,7 @@ from dask.utils_test import GetFunctionTestMixin
 
 from minidist import Client, Executor, KeyConflictError, LocalCluster, get
 from conftest import wait_for
+from gates import wait_for_file
 
 
 def inc(x):
@@ -28,15 +27,6 @@ def inc(x):
 
 def boom(x):
     raise RuntimeError(f"boom {x}")
-
-
-def wait_for_file(x, path):
-    deadline = time.monotonic() + 60
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.01)
-    return x
 
 
 @pytest.fixture(scope="module")
