@@ -283,6 +283,7 @@ class Executor(concurrent.futures.Executor):
         # Pickled once here: an unpicklable initializer fails now, in the caller.
         self._init = InitSpec.pack(initializer, initargs) if initializer is not None else None
         self._broken_pool: InitializerError | None = None
+        self._finisher: threading.Thread | None = None  # a shutdown(wait=False) finishing
         if address is not None and hasattr(address, "address") and hasattr(address, "security"):
             cluster_security = address.security  # a LocalCluster object
             address = address.address
@@ -484,8 +485,9 @@ class Executor(concurrent.futures.Executor):
         if wait:
             self._finish(pending)
         else:
-            threading.Thread(target=self._finish, args=(pending,), name="client-shutdown",
-                             daemon=True).start()
+            self._finisher = threading.Thread(target=self._finish, args=(pending,),
+                                              name="client-shutdown", daemon=True)
+            self._finisher.start()
 
     def _terminate(self) -> None:
         """Disconnect now: pending futures are cancelled, values not yet fetched are dropped."""
@@ -1067,11 +1069,15 @@ def _finish_all_sessions() -> None:
     Clients are left to ``_close_all_sessions``, which cancels their work.
     """
     for session in list(_sessions):
-        if session._finish_dropped and not session._shutdown:
-            try:
+        if not session._finish_dropped:
+            continue
+        try:
+            if not session._shutdown:
                 session.shutdown(wait=True)
-            except Exception:
-                logger.exception("shutting down %r at exit failed", session)
+            elif session._finisher is not None:  # shutdown(wait=False): its work still runs
+                session._finisher.join()
+        except Exception:
+            logger.exception("shutting down %r at exit failed", session)
 
 
 def _close_all_sessions() -> None:
