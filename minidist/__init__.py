@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 # starts without importing the client side, and ``import minidist`` stays cheap.
 _EXPORTS = {
     "AuthenticationError": "wire", "Client": "executor", "Executor": "executor",
-    "Future": "executor", "KilledWorker": "task", "LocalCluster": "cluster",
+    "Future": "executor", "InitializerError": "task", "KilledWorker": "task", "LocalCluster": "cluster",
     "LostKeyError": "task", "Pool": "pool", "RemoteData": "pool",
-    "RemoteException": "task", "get": "dask_get",
+    "RemoteException": "task", "SerializationError": "wire", "get": "dask_get",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from .dask_get import get
     from .executor import Client, Executor, Future
     from .pool import Pool, RemoteData
-    from .task import KilledWorker, LostKeyError, RemoteException
-    from .wire import AuthenticationError
+    from .task import InitializerError, KilledWorker, LostKeyError, RemoteException
+    from .wire import AuthenticationError, SerializationError
 
 
 def __getattr__(name: str) -> Any:
