@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 # starts without importing the client side, and ``import minidist`` stays cheap.
 _EXPORTS = {
     "AuthenticationError": "wire", "Client": "executor", "Executor": "executor",
-    "Future": "executor", "KeyConflictError": "task", "KilledWorker": "task",
-    "LocalCluster": "cluster", "LostKeyError": "task", "Pool": "pool", "RemoteData": "pool",
-    "RemoteException": "task", "get": "dask_get",
+    "Future": "executor", "InitializerError": "task", "KeyConflictError": "task",
+    "KilledWorker": "task", "LocalCluster": "cluster", "LostKeyError": "task", "Pool": "pool",
+    "RemoteData": "pool", "RemoteException": "task", "SerializationError": "wire",
+    "get": "dask_get",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -26,8 +27,9 @@ if TYPE_CHECKING:
     from .dask_get import get
     from .executor import Client, Executor, Future
     from .pool import Pool, RemoteData
-    from .task import KeyConflictError, KilledWorker, LostKeyError, RemoteException
-    from .wire import AuthenticationError
+    from .task import (InitializerError, KeyConflictError, KilledWorker, LostKeyError,
+                       RemoteException)
+    from .wire import AuthenticationError, SerializationError
 
 
 def __getattr__(name: str) -> Any:

@@ -218,8 +218,14 @@ class ClientState:
 
 
 def _same_spec(a: RunSpec, b: RunSpec) -> bool:
-    """Whether two packed tasks are the same computation (same pickled function and args)."""
-    return a is b or (_same_bytes(a.func, b.func) and _same_bytes(a.args, b.args))
+    """Whether two packed tasks are the same computation (function, arguments, initializer)."""
+    if a is b:
+        return True
+    init_a, init_b = a.init, b.init
+    if (init_a is None) != (init_b is None) or (init_a is not None and
+                                                 init_a.token != init_b.token):
+        return False
+    return _same_bytes(a.func, b.func) and _same_bytes(a.args, b.args)
 
 
 def _same_bytes(a: Serialized, b: Serialized) -> bool:

@@ -47,12 +47,32 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import wire
 from .default_scheduler import register_default_scheduler, unregister_default_scheduler
-from .task import HasKey, KeyConflictError, LostKeyError, RunSpec, collect, pack, unpack_exception
+from .task import (HasKey, InitializerError, InitSpec, KeyConflictError, LostKeyError, RunSpec,
+                   collect, pack, unpack_exception)
 from .wire import BatchedSender, ConnectionPool, Security
 
 logger = logging.getLogger("minidist.executor")
 
 _UNFETCHED = object()
+
+
+class _Unloadable:
+    """A fetched value whose bytes failed to unpickle here: its Future's ``result()`` raises."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _load(key: Any, blob: wire.Serialized) -> Any:
+    """Unpickle one fetched value; a failure stays with that key (``_Unloadable``)."""
+    try:
+        return wire.deserialize(blob)
+    except BaseException as e:  # noqa: B036 - even SystemExit belongs to that one result
+        if isinstance(e, Exception):
+            e.add_note(f"while unpickling the result of {key!r} in this process")
+        return _Unloadable(e)
 _sessions: "weakref.WeakSet[Executor]" = weakref.WeakSet()
 local_cluster_security: dict[str, Security] = {}
 """Security of the LocalClusters this process started, by address (their keys are random)."""
@@ -62,7 +82,7 @@ class _KeyInfo:
     """What this session knows of one key, shared by all its Futures."""
 
     __slots__ = ("key", "status", "who_has", "value", "exception", "tb", "refs", "futures",
-                 "generation", "token")
+                 "generation", "cancelled", "token")
 
     def __init__(self, key: Any) -> None:
         self.key = key
@@ -75,6 +95,7 @@ class _KeyInfo:
         self.futures: list[weakref.ref] = []
         self.generation = 0  # bumps on every event, so fetchers can wait for news
         self.token: str | None = None  # of the task, for a key named with ``key=``
+        self.cancelled = False  # some Future of it was cancelled: do not finish it unwatched
 
     def live_futures(self) -> list[Future]:
         alive = [f for f in (r() for r in self.futures) if f is not None]
@@ -130,6 +151,8 @@ class Future(HasKey, concurrent.futures.Future):
                 if value is _UNFETCHED:
                     raise
             self._result = value
+        if type(value) is _Unloadable:
+            raise value.error
         return value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -150,6 +173,7 @@ class Future(HasKey, concurrent.futures.Future):
         with self._condition:  # only the first cancel notifies waiters (wait, as_completed)
             if self._state == concurrent.futures._base.CANCELLED:
                 self.set_running_or_notify_cancel()
+        self._info.cancelled = True
         self._session._drop_ref(self)
         return True
 
@@ -170,7 +194,7 @@ class Future(HasKey, concurrent.futures.Future):
     def __del__(self) -> None:
         if not self._released:
             try:
-                self._session._deferred.append(self._info)
+                self._session._deferred.append((self._info, True))
             except Exception:
                 pass
 
@@ -200,7 +224,24 @@ def _token(spec: RunSpec) -> str:
     h.update(spec.args.header)
     for buf in spec.args.buffers:
         h.update(buf)
+    if spec.init is not None:
+        h.update(spec.init.token.encode())
     return h.hexdigest()
+
+
+def _call_repr(args: tuple, kwargs: dict, limit: int = 200) -> str:
+    """``(1, x=2)``, shortened: names the call whose arguments would not pickle."""
+    parts = [_short_repr(a) for a in args] + [f"{k}={_short_repr(v)}" for k, v in kwargs.items()]
+    text = f"({', '.join(parts)})"
+    return text if len(text) <= limit else text[:limit - 4] + "...)"
+
+
+def _short_repr(obj: Any) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        text = f"<{type(obj).__qualname__} object>"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _run_chunk(func: Callable, chunk: list) -> list:
@@ -214,16 +255,36 @@ class Executor(concurrent.futures.Executor):
     LocalCluster and owns it (``Executor(4)`` or ``max_workers=4`` sizes it,
     as with ProcessPoolExecutor).  ``map`` follows PEP 3148 and returns an
     iterator of results; see ``Client`` for a map that returns futures.
+
+    As with ProcessPoolExecutor, ``initializer(*initargs)`` runs on each
+    worker before the first task of this executor there (also on workers
+    that join later); if it raises, the executor is broken: its futures
+    fail with ``InitializerError`` (a ``BrokenExecutor``) and ``submit``
+    raises it.  Work submitted is done even if its Future is dropped, and
+    work still pending when the interpreter exits is waited for.
     """
+
+    _finish_dropped = True
+    """Run a task whose Futures were all garbage-collected (PEP 3148); a Client cancels it."""
 
     def __init__(self, address: Any = None, *, max_workers: int | None = None,
                  n_workers: int | None = None, threads_per_worker: int = 1,
                  timeout: float = 10.0, auth_key: bytes | str | None = None,
                  tls_ca: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None) -> None:
+                 tls_key: str | None = None, initializer: Callable[..., Any] | None = None,
+                 initargs: tuple = ()) -> None:
         self._cluster = None
-        if isinstance(address, int):
+        if isinstance(address, int) and not isinstance(address, bool):
             address, max_workers = None, address
+        for name, value in (("max_workers", max_workers), ("n_workers", n_workers)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        # Pickled once here: an unpicklable initializer fails now, in the caller.
+        self._init = InitSpec.pack(initializer, initargs) if initializer is not None else None
+        self._broken_pool: InitializerError | None = None
+        self._finisher: threading.Thread | None = None  # a shutdown(wait=False) finishing
         if address is not None and hasattr(address, "address") and hasattr(address, "security"):
             cluster_security = address.security  # a LocalCluster object
             address = address.address
@@ -243,7 +304,7 @@ class Executor(concurrent.futures.Executor):
         self.id = uuid.uuid4().hex
         self._lock = threading.RLock()
         self._keys: dict[Any, _KeyInfo] = {}
-        self._deferred: collections.deque[_KeyInfo] = collections.deque()
+        self._deferred: collections.deque[tuple[_KeyInfo, bool]] = collections.deque()
         self._news = threading.Condition(self._lock)
         self._shutdown = False
         self._broken: BaseException | None = None
@@ -288,11 +349,17 @@ class Executor(concurrent.futures.Executor):
 
     def _submit_many(self, fn: Callable, calls: Iterable[tuple[tuple, dict]],
                      keys: Iterable[Any] | None, pure: bool, opts: dict | None) -> list[Future]:
+        self._check_open()  # a broken executor says so before pickling anything
         name = funcname(fn)
         tasks = []
         named = {}  # explicitly named key -> token of its task
         for (args, kwargs), key in zip(calls, keys or itertools.repeat(None)):
-            spec, deps = pack(fn, args, kwargs)
+            try:
+                spec, deps = pack(fn, args, kwargs)
+            except wire.SerializationError as e:
+                raise wire.SerializationError(
+                    f"cannot submit {name}{_call_repr(args, kwargs)}: {e}") from e.__cause__
+            spec.init = self._init  # part of the key: another initializer, another result
             if key is None:
                 key = f"{name}-{_token(spec) if pure else uuid.uuid4()}"
             else:
@@ -317,6 +384,10 @@ class Executor(concurrent.futures.Executor):
         task (``check``).  Other keys are tokens of their task (pure calls,
         dask collections) or private to one call (``get``).
         """
+        if self._init is not None:
+            for task in tasks:
+                if task[1].init is None:
+                    task[1].init = self._init
         with self._lock:
             self._check_open()
             futures = []
@@ -362,6 +433,8 @@ class Executor(concurrent.futures.Executor):
         ``timeout`` counts from this call; ``chunksize`` > 1 sends that many
         calls per task.  An exception is raised when its item is reached.
         """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else time.monotonic() + timeout
         calls = list(zip(*iterables))
         if chunksize > 1:
@@ -374,18 +447,22 @@ class Executor(concurrent.futures.Executor):
 
     def _result_iterator(self, futures: list[Future], end_time: float | None,
                          chunked: bool) -> Iterator[Any]:
+        """Yield results in order, holding none once yielded (no local keeps a value)."""
         try:
             futures.reverse()
             while futures:
                 remaining = None if end_time is None else end_time - time.monotonic()
                 concurrent.futures.wait([futures[-1]], timeout=remaining)
                 self._prefetch(futures)
-                value = futures.pop().result(
-                    None if end_time is None else max(0, end_time - time.monotonic()))
                 if chunked:
-                    yield from value
+                    chunk = futures.pop().result(
+                        None if end_time is None else max(0, end_time - time.monotonic()))
+                    chunk.reverse()
+                    while chunk:
+                        yield chunk.pop()
                 else:
-                    yield value
+                    yield futures.pop().result(
+                        None if end_time is None else max(0, end_time - time.monotonic()))
         finally:
             for future in futures:
                 future.cancel()
@@ -415,6 +492,7 @@ class Executor(concurrent.futures.Executor):
         fetched before the session disconnects.  Keys this session held are
         then released on the cluster.  An owned LocalCluster is shut down too.
         """
+        self._flush_releases()  # Futures dropped by now: their work still runs (orphans)
         with self._lock:
             if self._shutdown:
                 return
@@ -424,11 +502,13 @@ class Executor(concurrent.futures.Executor):
         if cancel_futures:
             for future in pending:
                 future.cancel()
+            self._cancel_orphans()
         if wait:
             self._finish(pending)
         else:
-            threading.Thread(target=self._finish, args=(pending,), name="client-shutdown",
-                             daemon=True).start()
+            self._finisher = threading.Thread(target=self._finish, args=(pending,),
+                                              name="client-shutdown", daemon=True)
+            self._finisher.start()
 
     def _terminate(self) -> None:
         """Disconnect now: pending futures are cancelled, values not yet fetched are dropped."""
@@ -445,10 +525,29 @@ class Executor(concurrent.futures.Executor):
         try:
             if self._broken is None:
                 concurrent.futures.wait(pending)
+                self._wait_for_orphans()
                 if self._keep_results:
                     self._fetch_held()
         finally:
             self._close()
+
+    def _orphans(self) -> list[_KeyInfo]:
+        """Keys whose Futures were all dropped while their work was pending (caller locks)."""
+        return [info for info in self._keys.values()
+                if info.refs <= 0 and info.status == "pending"]
+
+    def _wait_for_orphans(self) -> None:
+        with self._news:
+            while self._orphans() and self._broken is None and not self._closed:
+                self._news.wait(1.0)
+
+    def _cancel_orphans(self) -> None:
+        with self._lock:
+            keys = [info.key for info in self._orphans()]
+            for key in keys:
+                del self._keys[key]
+            if keys and self._broken is None:
+                self._sender.send({"op": "release", "keys": keys})
 
     def _fetch_held(self) -> None:
         with self._lock:
@@ -480,6 +579,8 @@ class Executor(concurrent.futures.Executor):
         _sessions.discard(self)
 
     def _check_open(self) -> None:
+        if self._broken_pool is not None:
+            raise InitializerError(*self._broken_pool.args)
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if self._broken is not None:
@@ -504,6 +605,11 @@ class Executor(concurrent.futures.Executor):
                 if key in failed:
                     found[key].result()  # raises the task's own exception
         values = self._fetch([k for k in found if k not in failed], None)
+        for key in _keys_in_order(futures):
+            if type(values.get(key)) is _Unloadable:
+                if errors == "raise":
+                    raise values[key].error
+                failed.add(key)
         return _rebuild(futures, values, failed)
 
     def scatter(self, data: Any, workers: Any = None, broadcast: bool = False) -> Any:
@@ -576,8 +682,8 @@ class Executor(concurrent.futures.Executor):
                     continue
                 for future in info.live_futures():
                     if not future.cancel():
+                        self._drop_ref(future)  # counts against the key's own info
                         future._info = _cancelled_info(key)
-                        self._drop_ref(future)
 
     def who_has(self, futures: Any = None) -> dict:
         """key -> worker addresses holding it, for ``futures`` or for every key in memory."""
@@ -628,7 +734,11 @@ class Executor(concurrent.futures.Executor):
     # ------------------------------------------------------------------ fetching results
 
     def _fetch(self, keys: list, timeout: float | None) -> dict:
-        """Fetch values straight from workers; ask the center again if a holder is gone."""
+        """Fetch values straight from workers; ask the center again if a holder is gone.
+
+        A value that cannot be pickled there or unpickled here comes back as
+        an ``_Unloadable`` for its key only: the others are still good.
+        """
         end = None if timeout is None else time.monotonic() + timeout
         results: dict = {}
         remaining = list(dict.fromkeys(keys))
@@ -651,7 +761,7 @@ class Executor(concurrent.futures.Executor):
                     elif info.who_has:
                         by_worker[random.choice(info.who_has)].append(key)
             for key, value in inline.items():
-                results[key] = wire.deserialize(value)
+                results[key] = _load(key, value)
             located = {k for ks in by_worker.values() for k in ks}
             failed = [k for k in remaining if k not in located and k not in inline]
             for address, got, missing in self._map_parallel(
@@ -691,10 +801,9 @@ class Executor(concurrent.futures.Executor):
         except (ConnectionError, OSError) as e:
             logger.info("could not fetch from %s: %s", address, e)
             return address, {}, keys
-        errors = reply.get("errors") or {}
-        for key, (blob, tb) in errors.items():
-            raise unpack_exception(blob, tb)
-        got = {key: wire.deserialize(blob) for key, blob in reply["data"].items()}
+        got = {key: _load(key, blob) for key, blob in reply["data"].items()}
+        for key, (blob, tb) in (reply.get("errors") or {}).items():
+            got[key] = _Unloadable(unpack_exception(blob, tb))
         return address, got, list(reply.get("missing") or ())
 
     def _wait_for_news(self, keys: list, generations: dict, end: float | None) -> None:
@@ -752,13 +861,30 @@ class Executor(concurrent.futures.Executor):
             info.value = value
             info.generation += 1
             futures = info.live_futures()
+            self._release_orphan(info)
             self._news.notify_all()
         for future in futures:
             future._finish()
 
     def _on_erred(self, key: Any, exception: wire.Serialized, traceback: str) -> None:
         exc = unpack_exception(exception, traceback)
+        if isinstance(exc, InitializerError) and self._init is not None:
+            self._break_pool(exc)
         self._set_failed(key, "error", exc, traceback)
+
+    def _break_pool(self, exc: InitializerError) -> None:
+        """The initializer failed on a worker: fail every pending Future, refuse new work."""
+        with self._lock:
+            first = self._broken_pool is None
+            if first:
+                self._broken_pool = exc
+                logger.error("executor broken: %s", exc)
+            futures = [f for info in self._keys.values() if info.status == "pending"
+                       for f in info.live_futures()]
+        for future in futures:
+            error = InitializerError(*exc.args)
+            error.__cause__ = exc.__cause__
+            future._fail(error)
 
     def _on_lost(self, key: Any, reason: str) -> None:
         self._set_failed(key, "lost", LostKeyError(reason), None)
@@ -771,6 +897,7 @@ class Executor(concurrent.futures.Executor):
             info.status, info.exception, info.tb = status, exc, tb
             info.generation += 1
             futures = info.live_futures()
+            self._release_orphan(info)
             self._news.notify_all()
         for future in futures:
             future._fail(exc)
@@ -786,10 +913,17 @@ class Executor(concurrent.futures.Executor):
 
     # ------------------------------------------------------------------ reference counting
 
+    def _release_orphan(self, info: _KeyInfo) -> None:
+        """A key nobody holds any more is done: release it now (caller holds the lock)."""
+        if info.refs <= 0 and self._keys.get(info.key) is info:
+            del self._keys[info.key]
+            if not self._shutdown and self._broken is None:
+                self._sender.send({"op": "release", "keys": [info.key]})
+
     def _drop_ref(self, future: Future) -> None:
         if not future._released:
             future._released = True
-            self._deferred.append(future._info)
+            self._deferred.append((future._info, False))
 
     def _release(self, futures: Iterable[Future]) -> None:
         """Drop these handles and tell the center now, not at the next release tick."""
@@ -809,9 +943,12 @@ class Executor(concurrent.futures.Executor):
         released = []
         with self._lock:
             while deferred:
-                info = deferred.popleft()
+                info, collected = deferred.popleft()
                 info.refs -= 1
                 if info.refs <= 0 and self._keys.get(info.key) is info:
+                    if collected and self._finish_dropped and info.status == "pending" and \
+                            not info.cancelled and self._broken_pool is None:
+                        continue  # an orphan: it runs, and is released when it finishes
                     del self._keys[info.key]
                     released.append(info.key)
             if released and not self._shutdown and self._broken is None:
@@ -915,6 +1052,7 @@ class Client(Executor):
         return self._submit_many(fn, calls, keys, pure, opts)
 
     _keep_results = False  # a closed Client's futures are cancelled, as in dask
+    _finish_dropped = False  # as in dask: a task whose futures are all gone is cancelled
 
     def close(self) -> None:
         """End the session: pending futures are cancelled, its keys released on the cluster."""
@@ -957,6 +1095,25 @@ def close_shared_sessions(address: str) -> None:
                 session.shutdown(wait=False)
 
 
+def _finish_all_sessions() -> None:
+    """At interpreter exit, before atexit hooks: Executors finish the work they were given.
+
+    As ``ProcessPoolExecutor`` does, pending work (also work whose Futures
+    were dropped) runs to the end, and an owned LocalCluster then stops.
+    Clients are left to ``_close_all_sessions``, which cancels their work.
+    """
+    for session in list(_sessions):
+        if not session._finish_dropped:
+            continue
+        try:
+            if not session._shutdown:
+                session.shutdown(wait=True)
+            elif session._finisher is not None:  # shutdown(wait=False): its work still runs
+                session._finisher.join()
+        except Exception:
+            logger.exception("shutting down %r at exit failed", session)
+
+
 def _close_all_sessions() -> None:
     for session in list(_sessions):
         try:
@@ -965,4 +1122,7 @@ def _close_all_sessions() -> None:
             pass
 
 
+# threading's exit hooks run before atexit's (which stop LocalClusters): the same
+# moment at which concurrent.futures' own executors finish their work.
+threading._register_atexit(_finish_all_sessions)  # type: ignore[attr-defined]
 atexit.register(_close_all_sessions)

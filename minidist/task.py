@@ -8,19 +8,36 @@ and references become ``TaskRef`` placeholders.  The center never opens a
 RunSpec; the worker unpacks it, swaps each ``TaskRef`` for the value of its
 key and calls the function.
 
+A RunSpec may also name an initializer (``Executor(initializer=...)``): an
+``InitSpec`` holding the pickled ``initializer(*initargs)`` call and a
+token.  An executor pickles it once and every one of its tasks carries
+that same object (pickle's memo sends it once per frame).  A worker
+process runs each distinct initializer once, before the first task that
+carries it, and remembers the outcome: if the initializer raised, that
+task and every later one carrying it fail with ``InitializerError`` (a
+``concurrent.futures.BrokenExecutor``) without running it again.  A worker
+that joins or restarts later runs it before its own first such task.
+
 The errors that travel between processes live here too, so that every
 process can unpickle them.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import importlib
+import logging
 import sys
+import threading
 import traceback
 import types
+import weakref
 from typing import Any, Callable
 
 from .wire import Serialized, deserialize, pickled_by_value, serialize
+
+logger = logging.getLogger("minidist.task")
 
 
 class TaskRef:
@@ -53,18 +70,47 @@ class HasKey:
     key: Any
 
 
+class InitSpec:
+    """An executor's initializer: the pickled ``(initializer, initargs)`` and its token."""
+
+    __slots__ = ("token", "call", "name")
+
+    def __init__(self, token: str, call: Serialized, name: str) -> None:
+        self.token = token
+        self.call = call
+        self.name = name
+
+    @classmethod
+    def pack(cls, initializer: Callable, initargs: tuple) -> InitSpec:
+        """Pickle ``initializer(*initargs)`` once; the token names its bytes."""
+        call = serialize((initializer, tuple(initargs)))
+        h = hashlib.blake2b(call.header, digest_size=16)
+        for buf in call.buffers:
+            h.update(buf)
+        name = getattr(initializer, "__qualname__", None) or repr(initializer)
+        return cls(h.hexdigest(), call, name)
+
+    def __reduce__(self) -> Any:
+        return InitSpec, (self.token, self.call, self.name)
+
+
 class RunSpec:
-    """A packed task: pickled function, pickled arguments, and whether they hold refs."""
+    """A packed task: pickled function, pickled arguments, whether they hold refs,
+    and the initializer (an ``InitSpec``) to run first on each worker, if any."""
 
-    __slots__ = ("func", "args", "has_refs")
+    __slots__ = ("func", "args", "has_refs", "init")
 
-    def __init__(self, func: Serialized, args: Serialized, has_refs: bool) -> None:
+    def __init__(self, func: Serialized, args: Serialized, has_refs: bool,
+                 init: InitSpec | None = None) -> None:
         self.func = func
         self.args = args
         self.has_refs = has_refs
+        self.init = init
 
     def __reduce__(self) -> Any:
-        return RunSpec, (self.func, self.args, self.has_refs)
+        if self.init is None:
+            return RunSpec, (self.func, self.args, self.has_refs)
+        return RunSpec, (self.func, self.args, self.has_refs, self.init)
 
 
 class KilledWorker(Exception):
@@ -77,6 +123,14 @@ class KilledWorker(Exception):
     def __str__(self) -> str:
         return (f"task {self.key!r} was running on {self.count} workers that died "
                 f"(the last was {self.last_worker}); giving up on it")
+
+
+class InitializerError(concurrent.futures.BrokenExecutor):
+    """The executor's initializer raised on a worker: the executor is broken.
+
+    Its futures fail with this error and ``submit`` raises it, as
+    ``ProcessPoolExecutor`` does with ``BrokenProcessPool``.
+    """
 
 
 class LostKeyError(KeyError):
@@ -155,7 +209,9 @@ def find_refs(obj: Any, deps: dict) -> Any:
     return obj if items is None else typ(items)
 
 
-_func_cache: dict[Any, Serialized] = {}
+_func_cache: "weakref.WeakKeyDictionary[Any, Serialized]" = weakref.WeakKeyDictionary()
+"""Pickled functions by function, held weakly: a cached bound method must not keep
+its object alive once the caller has let go of it."""
 
 
 def _import_attribute(module: str, name: str) -> Any:
@@ -203,9 +259,9 @@ def serialize_function(func: Callable) -> Serialized:
     s = serialize(_as_module_attribute(func) or func)
     try:
         if len(_func_cache) >= 256:
-            _func_cache.pop(next(iter(_func_cache)))
+            _func_cache.pop(next(iter(_func_cache)), None)
         _func_cache[func] = s
-    except TypeError:  # unhashable callable
+    except TypeError:  # unhashable, or cannot be weakly referenced
         pass
     return s
 
@@ -252,8 +308,41 @@ def load_function(s: Serialized) -> Callable:
         return func
 
 
+_initialized: dict[str, BaseException | None] = {}
+"""Initializer token -> None once it ran here, or the exception it raised."""
+_init_lock = threading.Lock()
+
+
+def ensure_initialized(init: InitSpec) -> None:
+    """Run ``init`` in this process unless it ran already; raise if it failed (now or before).
+
+    Task threads needing the same initializer wait for the one running it.
+    """
+    try:
+        error = _initialized[init.token]
+    except KeyError:
+        with _init_lock:
+            if init.token not in _initialized:
+                try:
+                    initializer, initargs = deserialize(init.call)
+                    initializer(*initargs)
+                    _initialized[init.token] = None
+                except BaseException as e:  # noqa: B036 - an initializer must not kill a thread
+                    logger.error("initializer %s failed", init.name, exc_info=True)
+                    _initialized[init.token] = e
+            error = _initialized[init.token]
+    if error is not None:
+        raise InitializerError(f"initializer {init.name} failed on this worker: "
+                               f"{type(error).__name__}: {error}") from error
+
+
 def run(spec: RunSpec, data: dict) -> Any:
-    """Unpack and call a RunSpec with its references taken from ``data``."""
+    """Unpack and call a RunSpec with its references taken from ``data``.
+
+    The executor's initializer, if the spec names one, runs first (once per process).
+    """
+    if spec.init is not None:
+        ensure_initialized(spec.init)
     func = load_function(spec.func)
     args, kwargs = deserialize(spec.args)
     if spec.has_refs:

@@ -92,6 +92,14 @@ class AuthenticationError(ConnectionError):
     """The handshake failed: missing or wrong auth key, or not a minidist peer."""
 
 
+class SerializationError(pickle.PicklingError, TypeError):
+    """A value cannot be pickled.
+
+    A ``pickle.PicklingError``, as ``concurrent.futures`` code expects, and a
+    ``TypeError``, as pickling an unpicklable object raises in plain Python.
+    """
+
+
 class RemoteError(Exception):
     """A server handler raised; carries the remote exception text."""
 
@@ -344,7 +352,8 @@ def serialize(obj: Any) -> Serialized:
         try:
             header = cloudpickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
         except Exception as e:
-            raise TypeError(f"cannot serialize {type(obj).__qualname__!s} object: {e}") from e
+            raise SerializationError(f"cannot serialize {type(obj).__qualname__!s} object: "
+                                     f"{e}") from e
     return Serialized(header, [b.raw() for b in buffers])
 
 

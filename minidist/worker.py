@@ -80,7 +80,7 @@ def _small_value(result: Any, nbytes: int) -> wire.Serialized | None:
         return None
     try:
         value = wire.serialize(result)
-    except Exception:  # clients asking with get_data get the error
+    except BaseException:  # noqa: B036 - clients asking with get_data get the error
         return None
     return value if not value.buffers and len(value.header) <= INLINE_BYTES else None
 
@@ -453,9 +453,11 @@ class Worker:
                 continue
             try:
                 data[key] = wire.serialize(value)
-            except Exception as e:
-                err = TypeError(f"result of {key!r} ({type(value).__qualname__}) cannot be "
-                                f"pickled: {e}")
+            except BaseException as e:  # noqa: B036 - SystemExit in a __reduce__ is its error
+                err: BaseException = e
+                if isinstance(e, Exception):
+                    err = wire.SerializationError(
+                        f"result of {key!r} ({type(value).__qualname__}) cannot be pickled: {e}")
                 errors[key] = pack_exception(err)
                 self._send({"op": "data_erred", "key": key, "exception": errors[key][0],
                             "traceback": errors[key][1]})
