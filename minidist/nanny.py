@@ -140,7 +140,7 @@ class Child:
         deadline = time.monotonic() + timeout
         while not self._ready_event.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
             if self.gone:
-                raise RuntimeError(f"worker {self.end_reason} before it was ready")
+                raise RuntimeError(f"worker (pid {self.pid}) {self.end_reason}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"worker pid {self.pid} not ready within {timeout}s")
 
