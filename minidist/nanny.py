@@ -240,10 +240,10 @@ class Nanny:
                 child.popen.kill()
                 child.popen.wait()
         for child in children:  # the last output lines are delivered before close returns
-            if child._thread is not None and child._thread is not threading.current_thread():
-                child._thread.join(timeout)
-            for thread in child._forwarders:
-                thread.join(timeout)
+            threads = [child._thread, *child._forwarders]
+            for thread in threads:
+                if thread is not None and thread is not threading.current_thread():
+                    thread.join(max(1.0, deadline - time.monotonic()))
 
     # ------------------------------------------------------------------ one slot
 

@@ -329,3 +329,24 @@ def test_without_nanny_dead_workers_stay_dead():
         wait_for(lambda: worker.gone, 10, message="the worker gone")
         assert worker.pid == pid and worker.restarts == 0
         wait_for(lambda: not e.nthreads(), 10, message="the center to drop it")
+
+
+@pytest.mark.timeout(60)
+def test_a_policy_can_restart_a_running_worker(tmp_path, caplog):
+    """The hook a memory limit uses: a per-worker check that asks for a restart."""
+    caplog.set_level(logging.WARNING, logger="minidist.nanny")
+    flag = tmp_path / "too-big"
+    with LocalCluster(n_workers=1) as cluster, Executor(cluster) as e:
+        [worker] = cluster.workers
+        old_pid = worker.pid
+        cluster._nanny.policies.append(
+            lambda child: "over its limit" if flag.exists() and child.pid == old_pid else None)
+        assert e.submit(getpid, pure=False).result(timeout=10) == old_pid
+        flag.touch()
+        wait_for(lambda: worker.pid != old_pid and worker.ready, 15, message="restarted")
+        assert worker.restarts == 1 and worker.crashes == 0  # asked for, not a crash
+        assert not alive(old_pid)
+        wait_for(lambda: set(center_pids(e).values()) == {worker.pid}, 10,
+                 message="the center to know only the new worker")
+        assert e.submit(getpid, pure=False).result(timeout=10) == worker.pid
+    assert f"(pid {old_pid}): over its limit" in caplog.text
