@@ -47,7 +47,10 @@ _clusters: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
 
 
 class Process:
-    """One child process of a LocalCluster: its Popen, role and advertised address."""
+    """The center process of a LocalCluster: its Popen, role and advertised address.
+
+    Workers are ``nanny.Child`` records, which follow their restarts.
+    """
 
     def __init__(self, popen: subprocess.Popen, role: str) -> None:
         self.popen = popen
@@ -105,8 +108,8 @@ class LocalCluster:
             min(1.0, heartbeat_timeout / 5)
         self.center: Process | None = None
         self.workers: list[Child] = []
+        # Called with a reason once every worker is gone for good (not by stop/close).
         self.on_workers_lost: list[Callable[[str], None]] = []
-        """Called with a reason once every worker is gone for good (not by stop/close)."""
         self._closed = False
         self._lock = threading.Lock()
         env = dict(os.environ)
