@@ -86,22 +86,37 @@ def catch_stop_signals() -> None:
 
 
 def run_until_signalled(stop: Callable[[], None], exit_on_stdin_close: bool,
-                        ready_lines: Iterable[str] = ()) -> None:
+                        ready_lines: Iterable[str] = (), ready_fd: int | None = None) -> None:
     """Print the ready lines, block until SIGINT/SIGTERM (or stdin EOF), then call ``stop``.
 
     The lines go out only once a signal would be handled by ``stop``, so whoever
-    waits for them may signal at once.
+    waits for them may signal at once.  With ``ready_fd`` (a pipe from a nanny)
+    they go there instead of stdout, followed by ``stopping`` when the process
+    stops on purpose, so the nanny knows not to restart it.
     """
     global _serving
     catch_stop_signals()
     _serving = True
-    for line in ready_lines:
-        print(line, flush=True)
+    if ready_fd is None:
+        for line in ready_lines:
+            print(line, flush=True)
+    else:
+        _tell(ready_fd, "".join(f"{line}\n" for line in ready_lines))
     if exit_on_stdin_close:
         watch_stdin(_stop_requested.set)
     while not _stop_requested.wait(0.5):
         pass
+    if ready_fd is not None:
+        _tell(ready_fd, "stopping\n")
     stop()
+
+
+def _tell(fd: int, text: str) -> None:
+    """Write ``text`` to the nanny's status pipe; a nanny that is gone is no error."""
+    try:
+        os.write(fd, text.encode())
+    except OSError:
+        pass
 
 
 def configure_logging(level: str) -> None:

@@ -1,14 +1,23 @@
 """LocalCluster: a center and N workers as real processes on this machine.
 
 The processes are started with the same command lines a user would type
-(``python -m minidist.center`` / ``python -m minidist.worker``), all at
-once: the center's socket is bound and listening here, and handed to the
-center process, so the workers need not wait for it to print its address
-(a worker that dials early waits in the socket's queue).  Each child
-watches its stdin, a pipe from this process, and exits if it closes, so
-nothing outlives an interpreter that dies.  ``close()`` sends SIGTERM
-(workers first), waits, then SIGKILLs stragglers; it runs at interpreter
-exit for clusters left open.
+(``python -m minidist.center`` / ``python -m minidist.worker --no-nanny``),
+all at once: the center's socket is bound and listening here, and handed
+to the center process, so the workers need not wait for it to print its
+address (a worker that dials early waits in the socket's queue).  Each
+child watches its stdin, a pipe from this process, and exits if it
+closes, so nothing outlives an interpreter that dies.  ``close()`` sends
+SIGTERM (workers first), waits, then SIGKILLs stragglers; it runs at
+interpreter exit for clusters left open.
+
+The workers are supervised by a ``Nanny`` running in this process (one
+thread per worker): a worker that dies is restarted and registers again
+(``nanny=False``: it stays dead).  What the workers print reaches this
+process's ``sys.stdout``/``sys.stderr`` line by line, through forwarder
+threads that always drain the pipes.  When every worker is gone for good
+(not by ``stop_worker``/``close``), the callbacks in ``on_workers_lost``
+run: an Executor that owns the cluster breaks its futures instead of
+letting them wait forever.
 """
 
 from __future__ import annotations
@@ -25,10 +34,11 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 from . import wire
 from .executor import close_shared_sessions, local_cluster_security
+from .nanny import Child, Nanny
 from .wire import Security
 
 logger = logging.getLogger("minidist.cluster")
@@ -37,7 +47,10 @@ _clusters: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
 
 
 class Process:
-    """One child process of a LocalCluster: its Popen, role and advertised address."""
+    """The center process of a LocalCluster: its Popen, role and advertised address.
+
+    Workers are ``nanny.Child`` records, which follow their restarts.
+    """
 
     def __init__(self, popen: subprocess.Popen, role: str) -> None:
         self.popen = popen
@@ -71,6 +84,8 @@ class LocalCluster:
     By default the cluster makes a random auth key for itself; Executors
     created in this process with its ``address`` (or the cluster itself)
     use it automatically.  Pass ``auth_key=False`` for no authentication.
+    A worker that dies is restarted (``nanny=False``: it is not), and what
+    the workers print appears on this process's stdout and stderr.
     """
 
     def __init__(self, n_workers: int = 2, threads_per_worker: int = 1, *,
@@ -78,7 +93,7 @@ class LocalCluster:
                  tls_ca: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, heartbeat_timeout: float | None = None,
                  allowed_failures: int | None = None, log_level: str = "warning",
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, nanny: bool = True) -> None:
         if auth_key is None:
             auth_key = secrets.token_hex(32)
         self.security = Security(auth_key or None, tls_ca=tls_ca, tls_cert=tls_cert,
@@ -92,7 +107,9 @@ class LocalCluster:
         self._heartbeat_interval = None if heartbeat_timeout is None else \
             min(1.0, heartbeat_timeout / 5)
         self.center: Process | None = None
-        self.workers: list[Process] = []
+        self.workers: list[Child] = []
+        # Called with a reason once every worker is gone for good (not by stop/close).
+        self.on_workers_lost: list[Callable[[str], None]] = []
         self._closed = False
         self._lock = threading.Lock()
         env = dict(os.environ)
@@ -100,6 +117,8 @@ class LocalCluster:
         if self.auth_key:
             env["MINIDIST_AUTH_KEY"] = self.auth_key.decode()
         self._env = env
+        self._nanny = Nanny(restart=nanny, forward_output=True, new_session=True, env=env,
+                            on_gone=self._worker_gone)
         listener = _listening_socket(host)
         self.address = wire.format_address(host, listener.getsockname()[1])
         center_args = ["--listen-fd", str(listener.fileno())]
@@ -114,7 +133,10 @@ class LocalCluster:
             finally:
                 listener.close()  # the center's copy is the only one: a dead center refuses
             self.workers = [self._spawn_worker(threads_per_worker) for _ in range(n_workers)]
-            self._wait_ready([self.center, *self.workers])
+            self._wait_ready([self.center])
+            deadline = time.monotonic() + self.timeout
+            for child in self.workers:
+                child.wait_ready(max(0.0, deadline - time.monotonic()))
         except BaseException:
             self.close()
             raise
@@ -122,21 +144,38 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ processes
 
+    def _command(self, role: str, args: list[str]) -> list[str]:
+        return [sys.executable, "-m", f"minidist.{role}", *args, "--host", self.host,
+                "--log-level", self.log_level, "--exit-on-stdin-close",
+                *self.security.cli_args()]
+
     def _spawn(self, role: str, args: list[str], pass_fds: tuple[int, ...] = ()) -> Process:
-        cmd = [sys.executable, "-m", f"minidist.{role}", *args, "--host", self.host,
-               "--log-level", self.log_level, "--exit-on-stdin-close",
-               *self.security.cli_args()]
-        popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 env=self._env, start_new_session=True, pass_fds=pass_fds)
+        popen = subprocess.Popen(self._command(role, args), stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, env=self._env, start_new_session=True,
+                                 pass_fds=pass_fds)
         return Process(popen, role)
 
-    def _spawn_worker(self, nthreads: int | None, name: str | None = None) -> Process:
-        args = [self.address, "--nthreads", str(nthreads or self.threads_per_worker)]
+    def _spawn_worker(self, nthreads: int | None, name: str | None = None) -> Child:
+        args = [self.address, "--nthreads", str(nthreads or self.threads_per_worker),
+                "--no-nanny"]
         if name:
             args += ["--name", name]
         if self._heartbeat_interval is not None:
             args += ["--heartbeat-interval", str(self._heartbeat_interval)]
-        return self._spawn("worker", args)
+        return self._nanny.start(self._command("worker", args))
+
+    def _worker_gone(self, child: Child, requested: bool) -> None:
+        """A worker slot ended; if it was the last one and nobody asked for it, say so."""
+        with self._lock:
+            if requested or self._closed or not all(c.gone for c in self.workers):
+                return
+            reasons = "; ".join(f"{c.address or 'pid %d' % c.pid} {c.end_reason}"
+                                for c in self.workers)
+        for callback in list(self.on_workers_lost):
+            try:
+                callback(f"every worker of {self!r} is gone for good: {reasons}")
+            except Exception:
+                logger.exception("on_workers_lost callback failed")
 
     def _wait_ready(self, procs: list[Process]) -> None:
         """Read each child's ready lines until it has printed its address."""
@@ -179,40 +218,33 @@ class LocalCluster:
                 return True
         return False
 
-    def start_worker(self, nthreads: int | None = None, name: str | None = None) -> Process:
+    def start_worker(self, nthreads: int | None = None, name: str | None = None) -> Child:
         """Start one more worker and wait until it has registered."""
-        proc = self._spawn_worker(nthreads, name)
+        child = self._spawn_worker(nthreads, name)
         try:
-            self._wait_ready([proc])
+            child.wait_ready(self.timeout)
         except BaseException:
-            self._terminate([proc])
+            self._nanny.stop(child, signal.SIGKILL)
             raise
         with self._lock:
-            self.workers.append(proc)
-        return proc
+            self.workers.append(child)
+        return child
 
-    def stop_worker(self, worker: Process | str, sig: int = signal.SIGTERM,
+    def stop_worker(self, worker: Child | str, sig: int = signal.SIGTERM,
                     timeout: float = 10.0) -> None:
-        """Stop one worker (by Process or address) with ``sig`` and reap it."""
+        """Stop one worker (by Child or address) with ``sig`` and reap it; it is not restarted."""
         with self._lock:
-            proc = worker if isinstance(worker, Process) else \
+            child = worker if isinstance(worker, Child) else \
                 next(p for p in self.workers if p.address == worker)
-            if proc in self.workers:
-                self.workers.remove(proc)
-        if proc.alive():
-            os.kill(proc.pid, sig)
-        try:
-            proc.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.popen.kill()
-            proc.popen.wait()
-        self._close_pipes(proc)
+            if child in self.workers:
+                self.workers.remove(child)
+        self._nanny.stop(child, sig, timeout)
 
     @property
     def pids(self) -> list[int]:
         """PIDs of every process this cluster started that may still run."""
         procs = ([self.center] if self.center else []) + self.workers
-        return [p.pid for p in procs]
+        return [p.pid for p in procs if p.popen is not None]
 
     # ------------------------------------------------------------------ shutdown
 
@@ -222,10 +254,10 @@ class LocalCluster:
             if self._closed:
                 return
             self._closed = True
-            workers, self.workers = self.workers, []
+            self.workers = []
         local_cluster_security.pop(self.address, None)
         close_shared_sessions(self.address)
-        self._terminate(workers, timeout)
+        self._nanny.close(timeout)
         if self.center is not None:
             self._terminate([self.center], timeout)
         _clusters.discard(self)

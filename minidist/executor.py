@@ -329,6 +329,8 @@ class Executor(concurrent.futures.Executor):
         self._releaser = threading.Thread(target=self._release_loop, name="client-release",
                                           daemon=True)
         self._releaser.start()
+        if self._cluster is not None:
+            self._cluster.on_workers_lost.append(self._workers_lost)
         _sessions.add(self)
 
     # ------------------------------------------------------------------ submitting
@@ -584,7 +586,7 @@ class Executor(concurrent.futures.Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if self._broken is not None:
-            raise ConnectionError(f"lost the center at {self.address}: {self._broken}")
+            raise _fresh(self._broken)
 
     # ------------------------------------------------------------------ extras
 
@@ -810,7 +812,7 @@ class Executor(concurrent.futures.Executor):
         with self._news:
             while True:
                 if self._broken is not None:
-                    raise ConnectionError(f"lost the center at {self.address}: {self._broken}")
+                    raise _fresh(self._broken)
                 if self._closed:
                     raise CancelledError(f"the session was closed before {keys[0]!r} was "
                                          "fetched")
@@ -903,9 +905,18 @@ class Executor(concurrent.futures.Executor):
             future._fail(exc)
 
     def _break(self, exc: BaseException) -> None:
-        error = ConnectionError(f"lost the center at {self.address}: {exc}")
+        self._set_broken(ConnectionError(f"lost the center at {self.address}: {exc}"))
+
+    def _workers_lost(self, reason: str) -> None:
+        """The owned LocalCluster has no worker left and none will come: nothing can run."""
+        self._set_broken(concurrent.futures.BrokenExecutor(reason))
+
+    def _set_broken(self, error: BaseException) -> None:
+        """From now on pending futures fail with ``error`` and new work raises it."""
         with self._lock:
-            self._broken = exc
+            if self._broken is not None:
+                return
+            self._broken = error
             futures = [f for info in self._keys.values() for f in info.live_futures()]
             self._news.notify_all()
         for future in futures:
@@ -978,6 +989,11 @@ def _conflicting_future(key: Any, session: Executor) -> Future:
     future._released = True  # it never held the key
     future._fail(info.exception)
     return future
+
+
+def _fresh(error: BaseException) -> BaseException:
+    """A new exception like ``error``, to raise again without growing its traceback."""
+    return type(error)(*error.args)
 
 
 def _cancelled_info(key: Any) -> _KeyInfo:

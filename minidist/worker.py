@@ -482,7 +482,7 @@ class _InputError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m minidist.worker HOST:PORT`` / ``dworker``."""
+    """``python -m minidist.worker HOST:PORT`` / ``dworker``: workers under a nanny by default."""
     parser = argparse.ArgumentParser(prog="dworker", description="Start a minidist worker.")
     parser.add_argument("center", help="address of the center, HOST:PORT")
     parser.add_argument("--nthreads", type=int, default=1, help="task threads (default 1)")
@@ -493,8 +493,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--death-timeout", type=float, default=None,
                         help="exit when the center is unreachable this many seconds")
+    parser.add_argument("--nworkers", type=int, default=1,
+                        help="worker processes to start, each on its own port (default 1)")
+    parser.add_argument("--no-nanny", action="store_true",
+                        help="run the worker in this process, without a nanny to restart it")
+    parser.add_argument("--ready-fd", type=int, default=None,
+                        help=argparse.SUPPRESS)  # used by the nanny: a pipe for the ready lines
     add_common_args(parser)
     args = parser.parse_args(argv)
+    if args.nworkers < 1:
+        parser.error("--nworkers must be at least 1")
+    if not args.no_nanny:
+        if args.nworkers > 1 and args.contact_address:
+            parser.error("--contact-address names one worker; it cannot go with --nworkers")
+        from . import nanny
+        return nanny.main(args, sys.argv[1:] if argv is None else argv)
+    if args.nworkers > 1:
+        parser.error("--nworkers needs the nanny; drop --no-nanny")
+    if args.ready_fd is not None:  # under a nanny: forwarded output comes out line by line
+        os.set_inheritable(args.ready_fd, False)
+        sys.stdout.reconfigure(line_buffering=True)
     security, host = start_process(args)
     worker = Worker(args.center, nthreads=args.nthreads, name=args.name, security=security,
                     contact_address=args.contact_address,
@@ -510,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("no auth key: listening on %s only", host)
     run_until_signalled(worker.stop, args.exit_on_stdin_close,
                         [f"Start worker at:            {address}",
-                         f"Registered with center at:  {worker.center_address}"])
+                         f"Registered with center at:  {worker.center_address}"],
+                        ready_fd=args.ready_fd)
     return 1 if worker._fatal is not None else 0
 
 

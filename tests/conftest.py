@@ -115,7 +115,11 @@ def reap(popen: subprocess.Popen) -> None:
 
 
 class Proc:
-    """A process started by a test, with its ready lines parsed and its stderr in a file."""
+    """A process started by a test, with its ready lines parsed and its stderr in a file.
+
+    ``popen`` is the command the test ran (for a worker: its nanny, unless
+    ``--no-nanny``); ``pid`` is the process that serves (the worker itself).
+    """
 
     def __init__(self, popen: subprocess.Popen, lines: list[str], log_path: str = "") -> None:
         self.popen = popen
@@ -132,6 +136,10 @@ class Proc:
 
     @property
     def pid(self) -> int:
+        """The serving process: the worker under a nanny (its ``Worker pid:`` line), else ours."""
+        for line in self.lines:
+            if line.startswith("Worker pid:"):
+                return int(line.split()[-1])
         return self.popen.pid
 
     @property
@@ -176,6 +184,8 @@ def spawn(tmp_path):
                 raise AssertionError(f"{role} exited ({popen.wait()}): {proc.log()}")
             proc.lines.append(line.rstrip("\n"))
             if line.startswith(ready):
+                if role == "worker" and "--no-nanny" not in args:  # the nanny names the worker
+                    proc.lines.append(popen.stdout.readline().rstrip("\n"))
                 return proc
         raise AssertionError(f"{role} not ready within {timeout}s: {proc.lines}")
 

@@ -113,9 +113,10 @@ def test_center_serves_the_listening_socket_it_is_handed(spawn):
 def test_worker_prints_two_ready_lines_and_computes(spawn):
     center = spawn("center", "--port", "0")
     worker = spawn("worker", center.address, "--nthreads", "2")
-    assert len(worker.lines) == 2
+    assert len(worker.lines) == 3  # the seed's two lines, then the nanny names the process
     assert re.fullmatch(rf"Start worker at:            {ADDRESS}", worker.lines[0])
     assert worker.lines[1] == f"Registered with center at:  {center.address}"
+    assert re.fullmatch(r"Worker pid:                 \d+", worker.lines[2])
     with Executor(center.address) as e:
         assert e.nthreads() == {worker.address: 2}
         assert e.submit(inc, 1).result(timeout=10) == 2

@@ -440,7 +440,6 @@ class ProcessPoolShutdownTest(ExecutorMixin, unittest.TestCase):
         with open(path) as f:
             self.assertEqual(f.read(), "apple")
 
-    @pytest.mark.xfail(reason="needs output forwarding", strict=False)
     def test_interpreter_shutdown_output(self):
         proc, _ = self._interpreter_shutdown()
         self.assertFalse(proc.stderr)
@@ -1008,7 +1007,6 @@ class FutureTests(ExecutorMixin, unittest.TestCase):
 # =========================================================================== test_deadlock.py
 
 
-needs_supervised_workers = pytest.mark.xfail(reason="needs supervised workers", run=False)
 
 
 class ExecutorDeadlockTest(ExecutorMixin, unittest.TestCase):
@@ -1059,13 +1057,11 @@ class ExecutorDeadlockTest(ExecutorMixin, unittest.TestCase):
         # ADAPTED: BrokenProcessPool -> the UnpicklingError itself, the task's error.
         self._check_crash(UnpicklingError, id, ErrorAtUnpickle())
 
-    @needs_supervised_workers
     def test_crash_at_task_unpickle(self):
         # Check problem occurring while unpickling a task on workers
         # ADAPTED: BrokenProcessPool -> KilledWorker (here and in the other crashes).
         self._check_process_crash(id, CrashAtUnpickle())
 
-    @needs_supervised_workers
     def test_crash_during_func_exec_on_worker(self):
         # Check problem occurring during func execution on workers
         self._check_process_crash(_crash)
@@ -1078,7 +1074,6 @@ class ExecutorDeadlockTest(ExecutorMixin, unittest.TestCase):
         # Check problem occurring during func execution on workers
         self._check_crash(RuntimeError, _raise_error, RuntimeError)
 
-    @needs_supervised_workers
     def test_crash_during_result_pickle_on_worker(self):
         # Check problem occurring while pickling a task result
         # on workers
@@ -1109,7 +1104,6 @@ class ExecutorDeadlockTest(ExecutorMixin, unittest.TestCase):
         # ADAPTED: the result is unpickled by result(), which raises the SystemExit.
         self._check_crash(SystemExit, _return_instance, ExitAtUnpickle)
 
-    @needs_supervised_workers
     def test_shutdown_deadlock(self):
         # Test that the pool calling shutdown do not cause deadlock
         # if a worker fails after the shutdown call.
@@ -1135,7 +1129,6 @@ class ExecutorDeadlockTest(ExecutorMixin, unittest.TestCase):
         executor._finisher.join(SHORT_TIMEOUT)
         self.assertFalse(executor._finisher.is_alive())
 
-    @needs_supervised_workers
     def test_crash_big_data(self):
         # Test that there is a clean exception instad of a deadlock when a
         # child process crashes while some data is being written into the

@@ -22,7 +22,6 @@ from minidist.task import InitializerError
 from conftest import wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-needs_supervised_workers = pytest.mark.xfail(reason="needs supervised workers", run=False)
 
 # The module-scoped executor pickles its initializer before conftest's per-test fixture
 # registers this module to travel by value: register it now.
@@ -309,7 +308,6 @@ def test_work_never_waited_for_still_runs_before_exit(tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(reason="needs output forwarding", strict=False)
 def test_output_of_work_never_waited_for_appears(tmp_path):
     proc, _, _ = run_script(tmp_path)
     assert sorted(proc.stdout.split()) == ["also", "written"]
@@ -351,7 +349,6 @@ class CrashAtPickle:
         _exit_now()
 
 
-@needs_supervised_workers
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("how", ["unpickling arguments", "running", "pickling result"])
 def test_process_crash_ends_in_killed_worker_and_executor_goes_on(how):

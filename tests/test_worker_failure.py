@@ -150,7 +150,7 @@ def test_sigkill_mid_computation_reschedules_and_recomputes_lost_inputs(tmp_path
 
 @pytest.mark.timeout(60)
 def test_task_that_kills_its_workers_errs_with_killed_worker():
-    with LocalCluster(n_workers=3) as cluster:
+    with LocalCluster(n_workers=3, nanny=False) as cluster:  # dead workers stay dead
         procs = list(cluster.workers)
         with Executor(cluster) as e:
             bad = e.submit(kill_my_worker, key="suicidal-task")
@@ -166,7 +166,7 @@ def test_task_that_kills_its_workers_errs_with_killed_worker():
 
 @pytest.mark.timeout(60)
 def test_allowed_failures_is_configurable():
-    with LocalCluster(n_workers=2, allowed_failures=1) as cluster:
+    with LocalCluster(n_workers=2, allowed_failures=1, nanny=False) as cluster:
         procs = list(cluster.workers)
         with Executor(cluster) as e:
             bad = e.submit(kill_my_worker, key="dies-once")
