@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "AuthenticationError": "wire", "Client": "executor", "Executor": "executor",
     "Future": "executor", "KilledWorker": "task", "LocalCluster": "cluster",
-    "LostKeyError": "task", "Pool": "pool", "RemoteData": "pool",
+    "LostKeyError": "task", "NoWorkerError": "task", "Pool": "pool", "RemoteData": "pool",
     "RemoteException": "task", "get": "dask_get",
 }
 __all__ = sorted(_EXPORTS)
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .dask_get import get
     from .executor import Client, Executor, Future
     from .pool import Pool, RemoteData
-    from .task import KilledWorker, LostKeyError, RemoteException
+    from .task import KilledWorker, LostKeyError, NoWorkerError, RemoteException
     from .wire import AuthenticationError
 
 
