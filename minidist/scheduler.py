@@ -101,7 +101,12 @@ Outgoing = dict
 
 
 class TaskState:
-    """One key as the scheduler knows it.  Sets are created only when needed."""
+    """One key as the scheduler knows it.  Collections are created only when needed.
+
+    Collections that are iterated are dicts used as insertion-ordered sets,
+    so that the same events always give the same decisions (the simulator
+    replays a run from its seed).
+    """
 
     __slots__ = ("key", "state", "spec", "deps", "dependents", "waiting_on", "waiters",
                  "who_wants", "who_has", "worker", "nbytes", "exc", "tb", "suspicious",
@@ -112,11 +117,11 @@ class TaskState:
         self.state = RELEASED
         self.spec = spec
         self.deps: tuple[TaskState, ...] = ()
-        self.dependents: set[TaskState] | None = None   # all known dependents (lineage)
-        self.waiting_on: set[TaskState] | None = None   # inputs not yet in memory
-        self.waiters: set[TaskState] | None = None      # dependents that still need me
-        self.who_wants: set[str] | None = None          # client ids
-        self.who_has: set[WorkerState] | None = None
+        self.dependents: dict[TaskState, None] | None = None  # all known dependents (lineage)
+        self.waiting_on: set[TaskState] | None = None         # inputs not yet in memory
+        self.waiters: dict[TaskState, None] | None = None     # dependents that still need me
+        self.who_wants: dict[str, None] | None = None         # client ids
+        self.who_has: dict[WorkerState, None] | None = None
         self.worker: WorkerState | None = None          # processing on / queued for
         self.nbytes = 0
         self.exc: Serialized | None = None
@@ -151,7 +156,7 @@ class WorkerState:
         self.stream = stream
         self.processing: dict[TaskState, None] = {}  # ordered: first ones are running
         self.pending: deque[TaskState] = deque()     # ready, prefer this worker, no slot yet
-        self.has_what: set[TaskState] = set()
+        self.has_what: dict[TaskState, None] = {}
         self.nbytes = 0
         self.last_seen = now
         self.pid = pid
@@ -191,21 +196,21 @@ class ClientState:
     def __init__(self, client_id: str, stream: Any) -> None:
         self.id = client_id
         self.stream = stream
-        self.wants: set[TaskState] = set()
+        self.wants: dict[TaskState, None] = {}
 
 
 def _add(ts: TaskState, attr: str, item: Any) -> None:
     s = getattr(ts, attr)
     if s is None:
-        setattr(ts, attr, {item})
+        setattr(ts, attr, {item: None})
     else:
-        s.add(item)
+        s[item] = None
 
 
 def _discard(ts: TaskState, attr: str, item: Any) -> None:
     s = getattr(ts, attr)
     if s:
-        s.discard(item)
+        s.pop(item, None)
 
 
 class Scheduler:
@@ -228,7 +233,7 @@ class Scheduler:
         self.queued: deque[TaskState] = deque()  # ready, no input, waiting for any slot
         self.no_worker: dict[TaskState, float] = {}  # restricted to absent workers -> since
         self._starved: dict[TaskState, float] = {}  # queued while no worker exists -> since
-        self._dirty: set[WorkerState] = set()    # workers whose free slots need filling
+        self._dirty: dict[WorkerState, None] = {}  # workers whose free slots need filling
         self._out: Outgoing = {}                 # messages of the event being handled
         self._stealing: dict[TaskState, WorkerState] = {}  # asked back from a stalled worker
         self._next_steal_check = float("inf")
@@ -376,7 +381,7 @@ class Scheduler:
                 del self.no_worker[ts]
                 ts.state = RELEASED
                 self._activate([ts])
-        self._dirty.add(ws)
+        self._dirty[ws] = None
 
     def _remove_worker(self, ws: WorkerState, reason: str) -> None:
         """Forget a worker: reschedule what it ran, recompute or lose what only it held."""
@@ -385,7 +390,7 @@ class Scheduler:
         log = logger.info if reason == "worker is leaving" else logger.warning
         log("removing worker %s: %s", ws.address, reason)
         del self.workers[ws.address]
-        self._dirty.discard(ws)
+        self._dirty.pop(ws, None)
         self._stealing = {ts: thief for ts, thief in self._stealing.items()
                           if thief is not ws and ts.worker is not ws}
         self._out.setdefault(ws.stream, []).append(None)
@@ -399,7 +404,7 @@ class Scheduler:
                     self._starved.setdefault(ts, self.now)
         restart: list[TaskState] = []
         for ts in ws.has_what:
-            ts.who_has.discard(ws)
+            ts.who_has.pop(ws, None)
             if ts.who_has or ts.state != MEMORY:
                 continue
             ts.state = RELEASED
@@ -415,7 +420,7 @@ class Scheduler:
                 if waiter.state in SCHEDULED or waiter.state == WAITING:
                     self._unschedule(waiter)
                     restart.append(waiter)
-        ws.has_what = set()
+        ws.has_what = {}
         for i, ts in enumerate(list(ws.processing)):
             ts.worker = None
             ts.state = RELEASED
@@ -434,7 +439,7 @@ class Scheduler:
                 restart.append(ts)
         ws.pending.clear()
         self._activate(restart)
-        self._dirty.update(self.workers.values())
+        self._dirty.update(dict.fromkeys(self.workers.values()))
 
     # ------------------------------------------------------------------ worker messages
 
@@ -455,7 +460,7 @@ class Scheduler:
             else:
                 del ws.processing[ts]
                 ts.worker = None
-                self._dirty.add(ws)
+                self._dirty[ws] = None
         ts.nbytes = nbytes
         self._to_memory(ts, ws, value)
 
@@ -486,7 +491,7 @@ class Scheduler:
     def _add_holder(self, ts: TaskState, ws: WorkerState) -> None:
         _add(ts, "who_has", ws)
         if ts not in ws.has_what:
-            ws.has_what.add(ts)
+            ws.has_what[ts] = None
             ws.nbytes += ts.nbytes
 
     def _on_task_erred(self, ws: WorkerState, key: Any, exception: Serialized,
@@ -497,7 +502,7 @@ class Scheduler:
         if ts.state == PROCESSING and ts.worker is ws:
             del ws.processing[ts]
             ts.worker = None
-            self._dirty.add(ws)
+            self._dirty[ws] = None
         else:
             self._unschedule(ts)
         if ts.retries > 0:
@@ -516,8 +521,8 @@ class Scheduler:
             for address in holders:
                 holder = self.workers.get(address)
                 if holder is not None and holder in dts.who_has:
-                    dts.who_has.discard(holder)
-                    holder.has_what.discard(dts)
+                    dts.who_has.pop(holder, None)
+                    holder.has_what.pop(dts, None)
                     holder.nbytes -= dts.nbytes
             if not dts.who_has and dts.state == MEMORY:
                 # Every copy is gone though the holders still run: recompute or lose it.
@@ -539,7 +544,7 @@ class Scheduler:
             return
         msg = {"op": "delete_data", "keys": [key]}
         for holder in ts.who_has:
-            holder.has_what.discard(ts)
+            holder.has_what.pop(ts, None)
             self._post(holder.stream, msg)
         ts.who_has = None
         self._set_erred(ts, exception, traceback)
@@ -617,7 +622,7 @@ class Scheduler:
         if not ok or ts is None or ts.state != PROCESSING or ts.worker is not ws:
             return
         del ws.processing[ts]
-        self._dirty.add(ws)
+        self._dirty[ws] = None
         if thief is not None and self.workers.get(thief.address) is thief:
             self._assign(ts, thief)
         else:
@@ -683,7 +688,7 @@ class Scheduler:
                                        f"key {key_name(key)!r} is not known to the center"})
                 continue
             _add(ts, "who_wants", cs.id)
-            cs.wants.add(ts)
+            cs.wants[ts] = None
             if ts.state == RELEASED:
                 roots.append(ts)
             else:
@@ -707,7 +712,7 @@ class Scheduler:
             if ts is None:
                 continue
             _discard(ts, "who_wants", cs.id)
-            cs.wants.discard(ts)
+            cs.wants.pop(ts, None)
             self._release_if_unneeded(ts)
 
     def _on_scatter(self, cs: ClientState, data: dict) -> None:
@@ -717,7 +722,7 @@ class Scheduler:
             if ts is None:
                 ts = self.tasks[key] = TaskState(key, None)
             _add(ts, "who_wants", cs.id)
-            cs.wants.add(ts)
+            cs.wants[ts] = None
             holders = [self.workers[a] for a in addresses if a in self.workers]
             if not holders:
                 if ts.state != MEMORY:
@@ -854,7 +859,7 @@ class Scheduler:
                                "who_has": who_has})
 
     def _fill_dirty(self) -> None:
-        dirty, self._dirty = self._dirty, set()
+        dirty, self._dirty = self._dirty, {}
         for ws in sorted(dirty, key=WorkerState.occupancy):
             if self.workers.get(ws.address) is ws:
                 self._fill(ws)
@@ -912,7 +917,7 @@ class Scheduler:
             ws.processing.pop(ts, None)
             if self.workers.get(ws.address) is ws:
                 self._post(ws.stream, {"op": "cancel_compute", "key": ts.key})
-                self._dirty.add(ws)
+                self._dirty[ws] = None
         elif ts.state == NO_WORKER:
             self.no_worker.pop(ts, None)
         ts.worker = None
@@ -964,7 +969,7 @@ class Scheduler:
             if t.state == MEMORY:
                 msg = {"op": "delete_data", "keys": [t.key]}
                 for ws in t.who_has:
-                    ws.has_what.discard(t)
+                    ws.has_what.pop(t, None)
                     ws.nbytes -= t.nbytes
                     self._post(ws.stream, msg)
                 t.who_has = None
