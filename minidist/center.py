@@ -50,6 +50,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from typing import Any, Callable, Iterable
 
 from . import wire
@@ -84,7 +85,8 @@ class Center:
         self.security = security or Security()
         self.heartbeat_timeout = heartbeat_timeout
         self.scheduler = Scheduler(allowed_failures=allowed_failures, prefetch=prefetch,
-                                   no_workers_timeout=no_workers_timeout)
+                                   no_workers_timeout=no_workers_timeout,
+                                   id=uuid.uuid4().hex)
         self._outbox: set[BatchedSender] = set()  # streams with messages queued this tick
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._baton = threading.Lock()  # held by whichever thread runs scheduler code
@@ -139,11 +141,11 @@ class Center:
 
     def _handle_worker_stream(self, conn: Connection, address: str, nthreads: int,
                               name: str | None = None, data: dict | None = None,
-                              pid: int | None = None) -> Any:
+                              pid: int | None = None, center_id: str | None = None) -> Any:
         sender = BatchedSender(conn, name=f"center->{address}")
         inbox = _Inbox()
         self._deliver(inbox, "add_worker", (sender, address, nthreads, name or address,
-                                            data or {}, pid))
+                                            data or {}, pid, center_id))
         self._pump(conn, inbox, "worker_msgs", sender, address)
         self._deliver(inbox, "worker_closed", (sender, address))
         return NO_REPLY

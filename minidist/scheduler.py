@@ -221,11 +221,13 @@ class Scheduler:
     """
 
     def __init__(self, *, allowed_failures: int = 3, prefetch: int = 1,
-                 no_workers_timeout: float | None = None, address: str = "") -> None:
+                 no_workers_timeout: float | None = None, address: str = "",
+                 id: str = "") -> None:
         self.allowed_failures = allowed_failures
         self.prefetch = prefetch
         self.no_workers_timeout = no_workers_timeout
         self.address = address  # the center's, told to workers and clients on registration
+        self.id = id  # this center's incarnation, so a worker can tell it reconnects to it
         self.now = 0.0
         self.tasks: dict[Any, TaskState] = {}
         self.workers: dict[str, WorkerState] = {}
@@ -258,10 +260,18 @@ class Scheduler:
 
     def worker_added(self, now: float, stream: Any, address: str, nthreads: int,
                      name: str | None = None, data: dict | None = None,
-                     pid: int | None = None) -> Outgoing:
-        """A worker registered on ``stream``, holding ``data`` (key -> nbytes)."""
+                     pid: int | None = None, center_id: str | None = None) -> Outgoing:
+        """A worker registered on ``stream``, holding ``data`` (key -> nbytes).
+
+        ``center_id`` is the ``id`` of the center it was registered with before,
+        if any: keys it holds that this scheduler does not know are adopted
+        only from a worker that comes from another center (this one restarted),
+        and deleted when it is this center, which released them while the
+        worker was away.
+        """
         self.now = now
-        self._add_worker(stream, address, nthreads, name or address, data or {}, pid)
+        self._add_worker(stream, address, nthreads, name or address, data or {}, pid,
+                         adopt=center_id is None or center_id != self.id)
         return self._done()
 
     def worker_msgs(self, now: float, stream: Any, address: str, batch: list) -> Outgoing:
@@ -363,7 +373,7 @@ class Scheduler:
     # ------------------------------------------------------------------ workers
 
     def _add_worker(self, stream: Any, address: str, nthreads: int, name: str, data: dict,
-                    pid: int | None) -> None:
+                    pid: int | None, adopt: bool) -> None:
         old = self.workers.get(address)
         if old is not None:
             self._remove_worker(old, "it registered again")
@@ -371,11 +381,11 @@ class Scheduler:
                          self.now)
         self.workers[address] = ws
         self._starved.clear()
-        self._post(stream, {"op": "registered", "center": self.address})
+        self._post(stream, {"op": "registered", "center": self.address, "id": self.id})
         logger.info("worker %s registered (%d threads, %d keys held)", address, ws.nthreads,
                     len(data))
         if data:
-            self._on_add_keys(ws, data, from_registration=True)
+            self._on_add_keys(ws, data, from_registration=True, adopt=adopt)
         for ts in list(self.no_worker):
             if ws.matches(ts.restrictions):
                 del self.no_worker[ts]
@@ -524,6 +534,10 @@ class Scheduler:
                     dts.who_has.pop(holder, None)
                     holder.has_what.pop(dts, None)
                     holder.nbytes -= dts.nbytes
+                    # Untracked from now on: a copy it may still have must not stay forever,
+                    # unless a task of its own still reads it there.
+                    if not any(dts in t.deps for t in holder.processing):
+                        self._post(holder.stream, {"op": "delete_data", "keys": [dep]})
             if not dts.who_has and dts.state == MEMORY:
                 # Every copy is gone though the holders still run: recompute or lose it.
                 dts.state = RELEASED
@@ -549,11 +563,12 @@ class Scheduler:
         ts.who_has = None
         self._set_erred(ts, exception, traceback)
 
-    def _on_add_keys(self, ws: WorkerState, keys: dict, from_registration: bool = False) -> None:
+    def _on_add_keys(self, ws: WorkerState, keys: dict, from_registration: bool = False,
+                     adopt: bool = False) -> None:
         """``ws`` holds copies of ``keys``: inputs it fetched, or all it held when it registered.
 
-        At registration, data the center does not know (it restarted) is kept
-        as lineage-less keys, and needed keys that are being recomputed take
+        At registration, data the center does not know is kept as
+        lineage-less keys if the center restarted (``adopt``), and needed keys that are being recomputed take
         the copy instead of running again.  Keys already reported lost stay
         lost.
         """
@@ -561,7 +576,7 @@ class Scheduler:
         for key, nbytes in keys.items():
             ts = self.tasks.get(key)
             if ts is None:
-                if from_registration:
+                if adopt:
                     ts = self.tasks[key] = TaskState(key, None)
                     ts.state = MEMORY
                     ts.nbytes = nbytes
@@ -694,6 +709,9 @@ class Scheduler:
             else:
                 self._report(ts, cs)
         self._activate(roots)
+        for ts, _, _ in new:  # a task nobody wants or needs (a graph's unused branch)
+            if ts.state == RELEASED and not ts.needed():
+                self._forget_if_unreferenced(ts)
 
     def _report(self, ts: TaskState, cs: ClientState) -> None:
         """Tell one client where ``ts`` stands, if it has finished one way or another."""
