@@ -885,24 +885,34 @@ def scale(ntasks_list: tuple[int, ...] = (10_000, 100_000, 1_000_000),
     """
     rows = []
     for ntasks in ntasks_list:
+        row = _scale_once(ntasks, nworkers, measure_memory=False)
+        row["peak_bytes_per_pending_task"] = _scale_once(
+            min(ntasks, 100_000), nworkers, measure_memory=True)["peak_bytes_per_pending_task"]
+        rows.append(row)
+    return rows
+
+
+def _scale_once(ntasks: int, nworkers: int, measure_memory: bool) -> dict:
+    if True:
         sched = Scheduler(address="scale:1")
         streams = [object() for _ in range(nworkers)]
         client = object()
         now = 0.0
-        tracemalloc.start()
+        if measure_memory:
+            tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
         cpu = time.process_time()
         sched.client_added(now, client, "client")
-        for i, stream in enumerate(streams):
-            sched.worker_added(now, stream, f"w{i}:1", 1)
+        addresses = {stream: f"w{i}:1" for i, stream in enumerate(streams)}
+        for stream, address in addresses.items():
+            sched.worker_added(now, stream, address, 1)
         done = 0
         batch = 1000
-        pending: dict[Any, str] = {}
         peak = 0
         for start in range(0, ntasks, batch):
             keys = [f"t-{i}" for i in range(start, min(ntasks, start + batch))]
             out = sched.client_msgs(now, client, "client", [{
-                "op": "update_graph", "tasks": [(k, None, (), None) for k in keys],
+                "op": "update_graph", "tasks": [(k, "spec", (), None) for k in keys],
                 "wants": keys}])
             while out:
                 finished: dict[Any, list] = {}
@@ -915,12 +925,12 @@ def scale(ntasks_list: tuple[int, ...] = (10_000, 100_000, 1_000_000),
                                  "duration": 0.001})
                         elif msg and msg["op"] == "memory":
                             released.append(msg["key"])
-                peak = max(peak, tracemalloc.get_traced_memory()[0] - base)
+                if measure_memory:
+                    peak = max(peak, tracemalloc.get_traced_memory()[0] - base)
                 now += 0.001
                 out = {}
                 for stream, msgs in finished.items():
-                    address = pending.get(stream) or f"w{streams.index(stream)}:1"
-                    pending[stream] = address
+                    address = addresses[stream]
                     more = sched.worker_msgs(now, stream, address, msgs)
                     for s, m in more.items():
                         out.setdefault(s, []).extend(m)
@@ -934,10 +944,9 @@ def scale(ntasks_list: tuple[int, ...] = (10_000, 100_000, 1_000_000),
                        if any(x and x["op"] in ("compute", "memory") for x in m)}
         cpu = time.process_time() - cpu
         tracemalloc.stop()
-        rows.append({"tasks": ntasks, "workers": nworkers, "done": done,
-                     "cpu_us_per_task": cpu / ntasks * 1e6,
-                     "peak_bytes_per_pending_task": peak / batch, "left": len(sched.tasks)})
-    return rows
+        return {"tasks": ntasks, "workers": nworkers, "done": done,
+                "cpu_us_per_task": cpu / ntasks * 1e6,
+                "peak_bytes_per_pending_task": peak / batch, "left": len(sched.tasks)}
 
 
 def main(argv: list[str] | None = None) -> int:
