@@ -461,7 +461,7 @@ class SimClient:
             return
         kind = type(deserialize(exception)).__name__ if isinstance(exception, Serialized) \
             else exception[0]
-        allowed = {"KilledWorker"} if self.sim.removals else set()
+        allowed = {"KilledWorker"} if self.sim.nfaults else set()  # deaths come from faults
         if self.sim.no_workers_timeout:
             allowed.add("NoWorkerError")
         if self.expected[key] == ("error", kind) or kind in allowed:
@@ -507,7 +507,6 @@ class Simulation:
         self.generation = 0
         self.max_tasks = rng.choice((3, 6, 12))
         self.dup_rate = rng.choice((0.0, 0.0, 0.1))
-        self.removals = 0
         self.timer_at = float("inf")
         self.faults_until = 0.0
         self.clients = [SimClient(self, f"c{i}", rng.randint(1, 3))
