@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "AuthenticationError": "wire", "Client": "executor", "Executor": "executor",
     "Future": "executor", "InitializerError": "task", "KeyConflictError": "task",
-    "KilledWorker": "task", "LocalCluster": "cluster", "LostKeyError": "task", "Pool": "pool",
-    "RemoteData": "pool", "RemoteException": "task", "SerializationError": "wire",
-    "get": "dask_get",
+    "KilledWorker": "task", "LocalCluster": "cluster", "LostKeyError": "task",
+    "NoWorkerError": "task", "Pool": "pool", "RemoteData": "pool", "RemoteException": "task",
+    "SerializationError": "wire", "get": "dask_get",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .executor import Client, Executor, Future
     from .pool import Pool, RemoteData
     from .task import (InitializerError, KeyConflictError, KilledWorker, LostKeyError,
-                       RemoteException)
+                       NoWorkerError, RemoteException)
     from .wire import AuthenticationError, SerializationError
 
 

@@ -125,6 +125,21 @@ class KilledWorker(Exception):
                 f"(the last was {self.last_worker}); giving up on it")
 
 
+class NoWorkerError(Exception):
+    """No worker able to run a task was there for ``--no-workers-timeout`` seconds."""
+
+    def __init__(self, key: Any, seconds: float, restrictions: list | None = None) -> None:
+        super().__init__(key, seconds, restrictions)
+        self.key, self.seconds, self.restrictions = key, seconds, restrictions
+
+    def __str__(self) -> str:
+        if self.restrictions:
+            why = f"no worker matching workers={self.restrictions!r}"
+        else:
+            why = "no workers in the cluster"
+        return f"task {self.key!r} could not run: {why} for {self.seconds:g}s"
+
+
 class InitializerError(concurrent.futures.BrokenExecutor):
     """The executor's initializer raised on a worker: the executor is broken.
 

@@ -124,6 +124,7 @@ class Worker:
         self._conn: Connection | None = None
         self._sender: BatchedSender | None = None
         self._registered = threading.Event()
+        self._center_id: str | None = None
         self._stopping = threading.Event()
         self._fatal: BaseException | None = None
         self.server = wire.Server({
@@ -140,7 +141,7 @@ class Worker:
             "cancel_compute": self._on_cancel,
             "steal": self._on_steal,
             "worker_left": lambda address: self._peers.abort(address),
-            "registered": lambda center=None: None,
+            "registered": lambda center=None, id=None: None,
         }
         self._bind_host = "127.0.0.1"
 
@@ -227,18 +228,25 @@ class Worker:
             if host in ("0.0.0.0", "", "::"):
                 host = conn.sock.getsockname()[0]
             self.address = self.contact_address or wire.format_address(host, port)
+        held = dict(self.nbytes)
         conn.send({"op": "register_worker", "address": self.address,
                    "nthreads": self.nthreads, "name": self.name or self.address,
-                   "data": dict(self.nbytes), "pid": os.getpid()})
+                   "data": held, "pid": os.getpid(),
+                   "center_id": self._center_id})
         batch = conn.recv()
         if not batch or batch[0].get("op") != "registered":
             conn.close()
             raise ConnectionError(f"unexpected registration reply {batch!r:.200}")
+        self._center_id = batch[0].get("id")  # the same center again: it knows what it released
         # Tasks queued for the previous registration were rescheduled by the center.
         self._drain_ready()
         self._conn = conn
         self._sender = BatchedSender(conn, name="worker->center")
         self._registered.set()
+        # A task that finished while no stream was up could not say so: report it now.
+        late = {k: n for k, n in list(self.nbytes.items()) if k not in held}
+        if late:
+            self._send({"op": "add_keys", "keys": late, "from_registration": True})
         for msg in batch[1:]:
             self._dispatch(msg)
         return conn

@@ -80,7 +80,7 @@ def test_an_event_waits_behind_its_streams_queued_events_even_with_the_baton_fre
 
     center = Center()  # not started: its scheduler thread is not consuming yet
     seen = []
-    center._event_handlers["probe"] = seen.append
+    center._event_handlers["probe"] = lambda now, item: seen.append(item)
     first, other = _Inbox(), _Inbox()
     with center._baton:  # the scheduler is busy: the event is queued
         center._deliver(first, "probe", ("first-0",))

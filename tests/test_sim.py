@@ -1,0 +1,94 @@
+"""The simulator runs the real scheduler through thousands of seeds, and catches broken ones.
+
+Each deliberate bug below is patched into ``Scheduler`` for one test; the
+simulator must report it with a seed, and running that seed again must
+fail the same way.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from minidist import sim
+from minidist.scheduler import Scheduler
+
+CI_SEEDS = 2000
+
+
+def first_failure(count: int = 500) -> sim.SimFailure:
+    failures = sim.run_seeds(0, count, stop_after=1)
+    assert failures, f"the simulator found nothing wrong in {count} seeds"
+    return failures[0]
+
+
+def replays(failure: sim.SimFailure) -> None:
+    with pytest.raises(sim.SimFailure) as again:
+        sim.run_seed(failure.seed)
+    assert str(again.value) == str(failure)
+    assert f"python -m minidist.sim --seed {failure.seed} --verbose" in str(failure)
+
+
+@pytest.mark.timeout(120)
+def test_ci_seeds_pass():
+    failures = sim.run_seeds(0, CI_SEEDS)
+    assert not failures, "\n".join(str(f) for f in failures)
+
+
+def test_same_seed_same_run():
+    a, b = sim.run_seed(7), sim.run_seed(7)
+    assert (a.now, a._seq, a.nfaults) == (b.now, b._seq, b.nfaults)
+
+
+def test_skipped_release_is_reported_and_replays(monkeypatch):
+    def release_without_freeing(self, cs, keys):
+        for key in keys:
+            ts = self.tasks.get(key)
+            if ts is not None:
+                ts.who_wants.pop(cs.id, None)
+                cs.wants.pop(ts, None)   # ... but never _release_if_unneeded
+    monkeypatch.setattr(Scheduler, "_on_release", release_without_freeing)
+    failure = first_failure()
+    assert "left" in failure.message or "still holds" in failure.message
+    replays(failure)
+
+
+def test_no_reschedule_on_worker_death_is_reported_and_replays(monkeypatch):
+    remove = Scheduler._remove_worker
+
+    def forget_running_tasks(self, ws, reason):
+        running = dict(ws.processing)
+        ws.processing.clear()
+        remove(self, ws, reason)
+        ws.processing.update(running)   # they stay assigned to the dead worker
+    monkeypatch.setattr(Scheduler, "_remove_worker", forget_running_tasks)
+    failure = first_failure()
+    assert "removed worker" in failure.message or "processing" in failure.message
+    replays(failure)
+
+
+def test_double_assign_after_steal_is_reported_and_replays(monkeypatch):
+    def steal_keeping_victim(self, ws, key, ok):
+        ts = self.tasks.get(key)
+        thief = self._stealing.pop(ts, None) if ts is not None else None
+        if ok and ts is not None and ts.state == "processing" and ts.worker is ws and \
+                thief is not None and self.workers.get(thief.address) is thief:
+            self._assign(ts, thief)      # ... without taking it out of ws.processing
+    monkeypatch.setattr(Scheduler, "_on_steal_response", steal_keeping_victim)
+    failure = first_failure(2000)
+    assert "processes" in failure.message
+    replays(failure)
+
+
+@pytest.mark.timeout(60)
+def test_command_line_reports_and_replays():
+    out = subprocess.run([sys.executable, "-m", "minidist.sim", "--seeds", "20", "--seed", "100"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "20 seeds from 100: 0 failed" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "minidist.sim", "--seed", "3", "--verbose"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("seed 3 passed"), out.stdout[-2000:]
+    assert "update_graph" in out.stdout
