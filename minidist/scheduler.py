@@ -560,14 +560,18 @@ class Scheduler:
         if dts is not None and dts.who_has:
             for address in holders:
                 holder = self.workers.get(address)
-                if holder is not None and holder in dts.who_has:
-                    dts.who_has.pop(holder, None)
-                    holder.has_what.pop(dts, None)
-                    holder.nbytes -= dts.nbytes
-                    # Untracked from now on: a copy it may still have must not stay forever,
-                    # unless a task of its own still reads it there.
-                    if not any(dts in t.deps for t in holder.processing):
-                        self._post(holder.stream, {"op": "delete_data", "keys": [dep]})
+                if holder is None or holder not in dts.who_has:
+                    continue
+                if any(dts in t.deps for t in holder.processing):
+                    # A task of its own reads the copy there, so the copy is real and
+                    # stays on record (and is deleted with the key): a copy kept but
+                    # untracked would outlive the task, or the task's move elsewhere.
+                    continue
+                dts.who_has.pop(holder, None)
+                holder.has_what.pop(dts, None)
+                holder.nbytes -= dts.nbytes
+                # Untracked from now on: a copy it may still have must not stay.
+                self._post(holder.stream, {"op": "delete_data", "keys": [dep]})
             if not dts.who_has and dts.state == MEMORY:
                 # Every copy is gone though the holders still run: recompute or lose it.
                 dts.state = RELEASED
@@ -891,16 +895,23 @@ class Scheduler:
                 self._set_erred(ts, dep.exc, dep.tb)
                 return
         waiting_on = None
+        released = None
         for dep in ts.deps:
             _add(dep, "waiters", ts)
             if dep.state != MEMORY:
                 if waiting_on is None:
                     waiting_on = set()
                 waiting_on.add(dep)
+                if dep.state == RELEASED:
+                    released = [dep] if released is None else released + [dep]
         ts.state = WAITING
         ts.waiting_on = waiting_on
         if waiting_on is None:
             self._ready(ts)
+        elif released:
+            # An input activated with this task can have been released again before
+            # this task claimed it (a sibling erred and let go of it): run it again.
+            self._activate(released)
 
     def _ready(self, ts: TaskState) -> None:
         """Send a task whose inputs are all in memory to a worker, or queue it."""

@@ -801,6 +801,10 @@ def check_invariants(sim: Simulation) -> None:
             for dep in ts.waiting_on:
                 if dep.state == MEMORY:
                     fail(f"{ts!r} waits on {dep!r}, which is in memory")
+                elif dep.state not in (WAITING, QUEUED, PROCESSING, NO_WORKER):
+                    fail(f"{ts!r} waits on {dep!r}, which nothing will compute")
+        elif state == WAITING:
+            fail(f"{ts!r} waits on nothing but is not ready")
     for address, ws in workers.items():
         for ts in ws.processing:
             if ts.state != PROCESSING or ts.worker is not ws:

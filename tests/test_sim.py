@@ -37,6 +37,15 @@ def test_ci_seeds_pass():
     assert not failures, "\n".join(str(f) for f in failures)
 
 
+@pytest.mark.parametrize("seed", [
+    2847, 13658, 40662,  # a copy kept for the holder's own task outlived it (stolen)
+    16698,               # ... or outlived it (finished)
+    26361,               # an input released by an erring sibling left its dependent waiting
+])
+def test_seeds_that_found_bugs_pass(seed):
+    sim.run_seed(seed)
+
+
 def test_same_seed_same_run():
     a, b = sim.run_seed(7), sim.run_seed(7)
     assert (a.now, a._seq, a.nfaults) == (b.now, b._seq, b.nfaults)
