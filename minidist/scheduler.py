@@ -602,9 +602,12 @@ class Scheduler:
         """``ws`` holds copies of ``keys``: inputs it fetched, or all it held when it registered.
 
         At registration, data the center does not know is kept as
-        lineage-less keys if the center restarted (``adopt``), and needed keys that are being recomputed take
-        the copy instead of running again.  Keys already reported lost stay
-        lost.
+        lineage-less keys if the center restarted (``adopt``).  A needed key
+        that is not in memory (its holders died, it is being recomputed) takes
+        the copy instead of running again, whether the copy was fetched or held
+        at registration: deleting it could race the worker's own use of it (a
+        recompute sent to that same worker is answered from the copy).  Keys
+        already reported lost stay lost.
         """
         unwanted = []
         for key, nbytes in keys.items():
@@ -620,7 +623,7 @@ class Scheduler:
             elif ts.state == MEMORY:
                 self._add_holder(ts, ws)
             # A loss already reported stays final: a copy that comes back is dropped.
-            elif from_registration and ts.needed() and ts.state not in (ERRED, LOST):
+            elif ts.needed() and ts.state not in (ERRED, LOST):
                 if ts.state in SCHEDULED or ts.state == WAITING:
                     self._unschedule(ts)
                 ts.nbytes = nbytes

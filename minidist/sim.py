@@ -714,6 +714,12 @@ class Simulation:
                     waiting = {c.cid: sorted(k for k, w in c.held.items() if w)
                                for c in self.clients if not c.done}
                     self.fail(f"liveness: clients still waiting at t={self.now:.1f}: {waiting}")
+            elif any(w.alive and (w.running or w.waiting) for w in self.workers.values()):
+                # A task still runs (a slow worker, one that kept a stolen task): settle
+                # after it, so its result reaches the center and is deleted.
+                if self.now > DEADLINE:
+                    self.fail(f"liveness: workers still running at t={self.now:.1f}")
+                end = self.now + SETTLE
             elif self.now >= end:
                 break
         self.check_end()
