@@ -69,6 +69,7 @@ or none matching its ``workers=``) errs with ``NoWorkerError``.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import deque
 from typing import Any, Callable, Iterable
@@ -142,7 +143,7 @@ class WorkerState:
 
     __slots__ = ("address", "name", "nthreads", "stream", "processing", "pending",
                  "has_what", "nbytes", "last_seen", "pid", "capacity", "min_prefetch",
-                 "duration", "last_progress")
+                 "duration", "last_progress", "free_entry")
 
     def __init__(self, address: str, name: str, nthreads: int, stream: Any,
                  pid: int | None, prefetch: int, now: float) -> None:
@@ -160,6 +161,7 @@ class WorkerState:
         self.nbytes = 0
         self.last_seen = now
         self.pid = pid
+        self.free_entry: tuple | None = None  # its newest entry in the scheduler's free heap
 
     def has_slot(self) -> bool:
         return len(self.processing) < self.capacity
@@ -260,6 +262,13 @@ class Scheduler:
         self._out: Outgoing = {}                 # messages of the event being handled
         self._stealing: dict[TaskState, WorkerState] = {}  # asked back from a stalled worker
         self._next_steal_check = float("inf")
+        # Placement without a scan of every worker (the cost per task must not grow
+        # with the cluster): candidates are kept where they can be found at once.
+        self._free: list[tuple[float, int, WorkerState]] = []  # heap: (occupancy, n, ws)
+        self._free_n = 0
+        self._backlogged: dict[WorkerState, None] = {}  # pending queue may exceed capacity
+        self._prefetched: dict[WorkerState, None] = {}  # may run more than nthreads
+        self._no_stall_before = 0.0  # no worker with prefetched tasks is stalled before this
         self._worker_ops: dict[str, Callable[..., None]] = {
             "task_finished": self._on_task_finished,
             "task_erred": self._on_task_erred,
@@ -487,6 +496,12 @@ class Scheduler:
                           duration: float = 0.0, value: Serialized | None = None) -> None:
         ws.observe(duration)
         ws.last_progress = self.now
+        self._dirty[ws] = None  # its capacity may have grown
+        since = ws.stalled_since()
+        if since is not None and since < self._no_stall_before:
+            self._no_stall_before = since
+        if len(ws.pending) > ws.capacity:  # its capacity shrank
+            self._backlogged[ws] = None
         ts = self.tasks.get(key)
         if ts is None or ts.state in (RELEASED, ERRED, LOST):
             self._post(ws.stream, {"op": "delete_data", "keys": [key]})
@@ -643,18 +658,24 @@ class Scheduler:
         when it would be.
         """
         now = self.now
+        if now < self._no_stall_before:  # nobody can be stalled yet: look again then
+            self._next_steal_check = min(self._next_steal_check, self._no_stall_before)
+            return
         wanted = thief.nthreads - len(thief.processing) - \
             sum(1 for t in self._stealing.values() if t is thief)
-        for victim in self.workers.values():
+        earliest = float("inf")
+        for victim in list(self._prefetched):
             if wanted <= 0:
                 return
-            if victim is thief:
-                continue
             since = victim.stalled_since()
-            if since is None:
+            if since is None or self.workers.get(victim.address) is not victim:
+                del self._prefetched[victim]
+                continue
+            if victim is thief:
                 continue
             if since > now:
                 self._next_steal_check = min(self._next_steal_check, since)
+                earliest = min(earliest, since)
                 continue
             for ts in reversed(list(victim.processing)[victim.nthreads:]):
                 if wanted <= 0:
@@ -667,6 +688,8 @@ class Scheduler:
                 self._stealing[ts] = thief
                 self._post(victim.stream, {"op": "steal", "key": ts.key})
                 wanted -= 1
+            earliest = min(earliest, since)  # still stalled: look again next time
+        self._no_stall_before = earliest
 
     def _on_steal_response(self, ws: WorkerState, key: Any, ok: bool) -> None:
         ts = self.tasks.get(key)
@@ -684,8 +707,13 @@ class Scheduler:
 
     def _steal_for(self, thief: WorkerState) -> TaskState | None:
         """Take a task from the longest pending queue when its backlog is real."""
-        victims = [ws for ws in self.workers.values()
-                   if ws is not thief and len(ws.pending) > ws.capacity]
+        backlogged = self._backlogged
+        victims = []
+        for ws in list(backlogged):
+            if len(ws.pending) <= ws.capacity or self.workers.get(ws.address) is not ws:
+                del backlogged[ws]
+            elif ws is not thief:
+                victims.append(ws)
         if not victims:
             return None
         victim = max(victims, key=lambda ws: len(ws.pending))
@@ -925,8 +953,23 @@ class Scheduler:
                 ts.state = NO_WORKER
                 self.no_worker[ts] = self.now
                 return
+        elif not ts.deps:
+            ws = self._least_busy_free()
+            if ws is not None:
+                self._assign(ts, ws)
+            else:
+                self._queue_anywhere(ts)
+            return
         else:
-            candidates = self.workers.values()
+            # The best worker holds inputs, or else is the least busy one with a slot:
+            # any other worker moves every input too and is busier.
+            candidates = {}
+            for dep in ts.deps:
+                for ws in dep.who_has or ():
+                    candidates[ws] = None
+            ws = self._least_busy_free()
+            if ws is not None:
+                candidates[ws] = None
         if not ts.deps:
             free = [ws for ws in candidates if ws.has_slot()]
             if free:
@@ -946,6 +989,43 @@ class Scheduler:
         else:
             self._queue_on(ts, best)  # wait for the holder; a long backlog gets stolen from
 
+    def _least_busy_free(self) -> WorkerState | None:
+        """The registered worker with a free slot and the lowest occupancy, if any."""
+        heap = self._free
+        while heap:
+            entry = heap[0]
+            ws = entry[2]
+            if entry is ws.free_entry and ws.has_slot() and entry[0] == ws.occupancy() and \
+                    self.workers.get(ws.address) is ws:
+                return ws
+            heapq.heappop(heap)  # stale: its load changed since, or it left
+            if entry is ws.free_entry:
+                ws.free_entry = None
+        return None
+
+    def _offer(self, ws: WorkerState) -> None:
+        """File ``ws`` among the workers with a free slot (after its load changed)."""
+        if not ws.has_slot():
+            return
+        occupancy = ws.occupancy()
+        entry = ws.free_entry
+        if entry is not None and entry[0] == occupancy:
+            return  # filed already
+        heap = self._free
+        if len(heap) > 2 * len(self.workers) + 64:  # mostly stale entries: rebuild
+            for entry in heap:
+                entry[2].free_entry = None
+            heap.clear()
+            for other in self.workers.values():
+                if other is not ws and other.has_slot():
+                    self._free_n += 1
+                    other.free_entry = (other.occupancy(), self._free_n, other)
+                    heap.append(other.free_entry)
+            heapq.heapify(heap)
+        self._free_n += 1
+        ws.free_entry = entry = (occupancy, self._free_n, ws)
+        heapq.heappush(heap, entry)
+
     @staticmethod
     def _move_cost(ts: TaskState, ws: WorkerState) -> int:
         return sum(dep.nbytes for dep in ts.deps if ws not in (dep.who_has or ()))
@@ -961,6 +1041,8 @@ class Scheduler:
         ts.state = QUEUED
         ts.worker = ws
         ws.pending.append(ts)
+        if len(ws.pending) > ws.capacity:
+            self._backlogged[ws] = None
 
     def _assign(self, ts: TaskState, ws: WorkerState) -> None:
         ts.state = PROCESSING
@@ -968,6 +1050,12 @@ class Scheduler:
         if not ws.processing:
             ws.last_progress = self.now
         ws.processing[ts] = None
+        if len(ws.processing) > ws.nthreads:
+            self._prefetched[ws] = None
+            since = ws.last_progress + max(STALL_SECONDS, 3 * ws.duration)
+            if since < self._no_stall_before:
+                self._no_stall_before = since
+        self._offer(ws)
         who_has = {}
         for dep in ts.deps:
             holders = dep.who_has or ()
@@ -989,8 +1077,9 @@ class Scheduler:
             if ts is None:
                 if len(ws.processing) < ws.nthreads:
                     self._take_back_for(ws)
-                return
+                break
             self._assign(ts, ws)
+        self._offer(ws)
 
     @staticmethod
     def _pop_pending(ws: WorkerState) -> TaskState | None:

@@ -826,6 +826,19 @@ def check_invariants(sim: Simulation) -> None:
                 fail(f"{ws.address} holds forgotten {ts!r}")
         if nbytes != ws.nbytes:
             fail(f"{ws.address} counts {ws.nbytes} bytes, holds {nbytes}")
+    valid_free = {e[2] for e in sched._free if e is e[2].free_entry and e[0] == e[2].occupancy()}
+    for ws in workers.values():  # the placement indexes find every candidate
+        if ws.has_slot() and ws not in valid_free:
+            fail(f"{ws.address} has a free slot but is not among the free workers")
+        if len(ws.pending) > ws.capacity and ws not in sched._backlogged:
+            fail(f"{ws.address} has a backlog but is not among the backlogged")
+        since = ws.stalled_since()
+        if since is not None:
+            if ws not in sched._prefetched:
+                fail(f"{ws.address} has prefetched tasks but is not among the prefetched")
+            if since < sched._no_stall_before:
+                fail(f"{ws.address} stalls at {since} before the bound "
+                     f"{sched._no_stall_before}")
     for c in sim.clients:
         cs = clients.get(c.cid)
         wants = {ts.key for ts in cs.wants} if cs is not None else set()
@@ -883,79 +896,113 @@ def run_seeds(first: int, count: int, *, stop_after: int = 10,
 # ---------------------------------------------------------------------- scale
 
 
-def scale(ntasks_list: tuple[int, ...] = (10_000, 100_000, 1_000_000),
-          nworkers: int = 1000) -> list[dict]:
-    """Scheduler CPU and memory per task at ``nworkers`` workers, no invariant checks.
+SCALE_SIZES = (10_000, 100_000, 1_000_000)
 
-    Tasks arrive in ``update_graph`` batches of 1,000 independent tasks; each
-    ``compute`` is answered by a ``task_finished`` at once and the client
-    releases each result when it hears of it, so the pending load stays at
-    one batch plus what the workers hold in prefetch.
+
+def scale(ntasks_list: tuple[int, ...] = SCALE_SIZES, nworkers: int = 1000,
+          progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """The scheduler alone at ``nworkers`` single-thread workers: CPU and memory per task.
+
+    Two runs per size, without invariant checks:
+
+    - *flow*: a client sends ``update_graph`` batches of 1,000 independent
+      tasks; every ``compute`` is answered by a ``task_finished`` at once and
+      the client releases each result when it hears of it.  ``cpu_us_per_task``
+      is the process CPU spent inside ``Scheduler`` event calls (the harness
+      that builds and routes messages is not counted) over the task count.
+    - *pending*: the same tasks submitted and never finished, so each one is
+      held (a few run, the rest wait in the queue); ``bytes_per_pending_task``
+      is the growth of traced memory (``tracemalloc``) over the task count,
+      messages to the workers included.  Keys look like real ones
+      (``inc-`` and 32 hex digits).
     """
     rows = []
     for ntasks in ntasks_list:
-        row = _scale_once(ntasks, nworkers, measure_memory=False)
-        row["peak_bytes_per_pending_task"] = _scale_once(
-            min(ntasks, 100_000), nworkers, measure_memory=True)["peak_bytes_per_pending_task"]
+        row = {"tasks": ntasks, "workers": nworkers}
+        row.update(_scale_flow(ntasks, nworkers))
+        row.update(_scale_pending(ntasks, nworkers))
         rows.append(row)
+        if progress is not None:
+            progress(row)
     return rows
 
 
-def _scale_once(ntasks: int, nworkers: int, measure_memory: bool) -> dict:
-    if True:
+def _scale_key(i: int) -> str:
+    return f"inc-{i:032x}"
+
+
+def _scale_flow(ntasks: int, nworkers: int) -> dict:
+    sched = Scheduler(address="scale:1")
+    streams = [object() for _ in range(nworkers)]
+    addresses = {stream: f"10.0.{i // 250}.{i % 250}:4000" for i, stream in enumerate(streams)}
+    client = object()
+    now = 0.0
+    inside = 0.0
+    clock = time.process_time
+    spec = ("spec",)
+    sched.client_added(now, client, "client")
+    for stream, address in addresses.items():
+        sched.worker_added(now, stream, address, 1)
+    done = 0
+    wall = time.perf_counter()
+    for start in range(0, ntasks, 1000):
+        keys = [_scale_key(i) for i in range(start, min(ntasks, start + 1000))]
+        msg = {"op": "update_graph", "tasks": [(k, spec, (), None) for k in keys],
+               "wants": keys}
+        t = clock()
+        out = sched.client_msgs(now, client, "client", [msg])
+        inside += clock() - t
+        while out:
+            released = []
+            finished = []
+            for stream, msgs in out.items():
+                if stream is client:
+                    released.extend(m["key"] for m in msgs if m["op"] == "memory")
+                else:
+                    done_here = [{"op": "task_finished", "key": m["key"], "nbytes": 8,
+                                  "duration": 0.001} for m in msgs if m["op"] == "compute"]
+                    if done_here:
+                        finished.append((stream, done_here))
+            now += 0.001
+            out = {}
+            t = clock()
+            for stream, msgs in finished:
+                for s, m in sched.worker_msgs(now, stream, addresses[stream], msgs).items():
+                    out.setdefault(s, []).extend(m)
+            if released:
+                for s, m in sched.client_msgs(now, client, "client",
+                                              [{"op": "release", "keys": released}]).items():
+                    out.setdefault(s, []).extend(m)
+            inside += clock() - t
+            done += sum(len(m) for _, m in finished)
+    wall = time.perf_counter() - wall
+    if done != ntasks or sched.tasks:
+        raise AssertionError(f"scale run finished {done} of {ntasks} tasks, "
+                             f"{len(sched.tasks)} left")
+    return {"cpu_us_per_task": inside / ntasks * 1e6, "wall_s": wall}
+
+
+def _scale_pending(ntasks: int, nworkers: int) -> dict:
+    spec = ("spec",)
+    client = object()
+    tracemalloc.start()
+    try:
         sched = Scheduler(address="scale:1")
-        streams = [object() for _ in range(nworkers)]
-        client = object()
-        now = 0.0
-        if measure_memory:
-            tracemalloc.start()
+        sched.client_added(0.0, client, "client")
+        for i in range(nworkers):
+            sched.worker_added(0.0, object(), f"10.0.{i // 250}.{i % 250}:4000", 1)
+        keys = [_scale_key(i) for i in range(ntasks)]  # the client's, not the center's
         base = tracemalloc.get_traced_memory()[0]
-        cpu = time.process_time()
-        sched.client_added(now, client, "client")
-        addresses = {stream: f"w{i}:1" for i, stream in enumerate(streams)}
-        for stream, address in addresses.items():
-            sched.worker_added(now, stream, address, 1)
-        done = 0
-        batch = 1000
-        peak = 0
-        for start in range(0, ntasks, batch):
-            keys = [f"t-{i}" for i in range(start, min(ntasks, start + batch))]
-            out = sched.client_msgs(now, client, "client", [{
-                "op": "update_graph", "tasks": [(k, "spec", (), None) for k in keys],
-                "wants": keys}])
-            while out:
-                finished: dict[Any, list] = {}
-                released = []
-                for stream, msgs in out.items():
-                    for msg in msgs:
-                        if msg and msg["op"] == "compute":
-                            finished.setdefault(stream, []).append(
-                                {"op": "task_finished", "key": msg["key"], "nbytes": 8,
-                                 "duration": 0.001})
-                        elif msg and msg["op"] == "memory":
-                            released.append(msg["key"])
-                if measure_memory:
-                    peak = max(peak, tracemalloc.get_traced_memory()[0] - base)
-                now += 0.001
-                out = {}
-                for stream, msgs in finished.items():
-                    address = addresses[stream]
-                    more = sched.worker_msgs(now, stream, address, msgs)
-                    for s, m in more.items():
-                        out.setdefault(s, []).extend(m)
-                    done += len(msgs)
-                if released:
-                    more = sched.client_msgs(now, client, "client",
-                                             [{"op": "release", "keys": released}])
-                    for s, m in more.items():
-                        out.setdefault(s, []).extend(m)
-                out = {s: m for s, m in out.items()
-                       if any(x and x["op"] in ("compute", "memory") for x in m)}
-        cpu = time.process_time() - cpu
+        outs = []
+        for start in range(0, ntasks, 1000):
+            batch = keys[start:start + 1000]
+            outs.append(sched.client_msgs(0.0, client, "client", [{
+                "op": "update_graph", "tasks": [(k, spec, (), None) for k in batch],
+                "wants": batch}]))
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
         tracemalloc.stop()
-        return {"tasks": ntasks, "workers": nworkers, "done": done,
-                "cpu_us_per_task": cpu / ntasks * 1e6,
-                "peak_bytes_per_pending_task": peak / batch, "left": len(sched.tasks)}
+    return {"bytes_per_pending_task": held / ntasks, "pending": len(sched.tasks)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -972,10 +1019,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL,
                         format="%(message)s", stream=sys.stdout)
     if args.scale:
-        print(f"{'tasks':>10} {'workers':>8} {'cpu us/task':>12} {'bytes/pending task':>19}")
-        for row in scale():
+        print(f"{'tasks':>10} {'workers':>8} {'cpu us/task':>12} {'bytes/pending task':>19} "
+              f"{'run s':>7}", flush=True)
+
+        def show(row: dict) -> None:
             print(f"{row['tasks']:>10,} {row['workers']:>8,} {row['cpu_us_per_task']:>12.1f} "
-                  f"{row['peak_bytes_per_pending_task']:>19,.0f}")
+                  f"{row['bytes_per_pending_task']:>19,.0f} {row['wall_s']:>7.1f}", flush=True)
+        scale(progress=show)
         return 0
     first = args.seed if args.seed is not None else 0
     count = args.seeds if args.seeds is not None else (1 if args.seed is not None else 1000)
