@@ -114,3 +114,13 @@ def memory(pid: int) -> dict[str, int]:
             if name in ("VmRSS", "VmHWM"):
                 out[name] = int(value.split()[0]) * 1024
     return out
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset ``VmHWM`` of ``pid`` to its current RSS (Linux ``clear_refs``); False if refused."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

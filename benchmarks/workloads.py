@@ -10,6 +10,7 @@ closes systems itself, because that is what it times.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import os
 import statistics
@@ -378,6 +379,76 @@ def measure_memory(system: System, sizes: dict) -> dict:
             "submit_s": t1 - t0, "all_pending_s": t2 - t0}
 
 
+# ---------------------------------------------------------------------------- scale
+
+def size_tag(n: int) -> str:
+    """``10k``, ``1M``: the size in a metric's name."""
+    return f"{n // 1_000_000}M" if n >= 1_000_000 and n % 1_000_000 == 0 else f"{n // 1000}k"
+
+
+SCALE_METRICS = ("tasks_per_s", "submit_us", "client_B_per_future", "center_B_per_task")
+
+
+def measure_scale(system: System, sizes: dict) -> dict:
+    """``Client.map(inc, range(N), pure=False)`` then ``gather``, for each N.
+
+    Per size: tasks/s over the whole map + gather, the client's submit time
+    per task, and the peak RSS growth of the client (this process) and of the
+    center (dask: scheduler) over N (both peaks reset before each size).
+    dask runs only up to ``dask_max`` tasks.  ``rate_ratio`` is tasks/s at the
+    largest size over tasks/s at the smallest.
+    """
+    out: dict[str, Any] = {}
+    center = system.center_pid()
+    me = os.getpid()
+    rates = []
+    for n in sizes["tasks"]:
+        tag = size_tag(n)
+        if system.name == "dask" and n > sizes["dask_max"]:
+            why = NotSupported(f"dask is run up to {sizes['dask_max']:,} tasks")
+            out.update({f"{m}_{tag}": why for m in SCALE_METRICS})
+            continue
+        system.settle(timeout=300)
+        gc.collect()
+        procs.reset_peak(me)
+        procs.reset_peak(center)
+        client_base = procs.memory(me)["VmRSS"]
+        center_base = procs.memory(center)["VmRSS"]
+        t0 = time.perf_counter()
+        futures = system.client.map(tasks.inc, range(n), pure=False)
+        t1 = time.perf_counter()
+        results = system.client.gather(futures)
+        t2 = time.perf_counter()
+        client_peak = procs.memory(me)["VmHWM"]
+        center_peak = procs.memory(center)["VmHWM"]
+        ok = len(results) == n and results[0] == 1 and results[-1] == n and \
+            all(r == i + 1 for i, r in enumerate(results))
+        _check(ok, f"map(inc, range({n})) results")
+        del futures, results
+        rates.append(n / (t2 - t0))
+        out[f"tasks_per_s_{tag}"] = rates[-1]
+        out[f"submit_us_{tag}"] = (t1 - t0) / n * 1e6
+        out[f"client_B_per_future_{tag}"] = (client_peak - client_base) / n
+        out[f"center_B_per_task_{tag}"] = (center_peak - center_base) / n
+    if len(rates) == len(sizes["tasks"]):
+        out["rate_ratio"] = rates[-1] / rates[0]
+    else:
+        out["rate_ratio"] = NotSupported("not every size was run")
+    system.settle(timeout=300)
+    return out
+
+
+def _scale_metrics(sizes: tuple[int, ...]) -> list[Metric]:
+    units = {"tasks_per_s": ("tasks/s", "higher"), "submit_us": ("us", "lower"),
+             "client_B_per_future": ("B", "lower"), "center_B_per_task": ("B", "lower")}
+    return [Metric(f"{m}_{size_tag(n)}", *units[m]) for n in sizes for m in SCALE_METRICS] + \
+        [Metric("rate_ratio", "x", "higher")]
+
+
+SCALE_FULL = {"tasks": (10_000, 50_000, 200_000, 1_000_000), "dask_max": 50_000}
+SCALE_QUICK = {"tasks": (1_000, 10_000), "dask_max": 10_000}
+
+
 # ---------------------------------------------------------------------------- the table
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
@@ -445,4 +516,16 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
         measure=measure_memory, systems=("minidist", "dask"),
         dask_options={"separate_scheduler": True},
         targets=[Target("center_bytes_per_task", None, "<=", 2048)], measure_deadline=900),
+    Workload(
+        "scale", "Client.map(inc, range(N), pure=False) then gather, N from 10k to 1M "
+        "(rate_ratio: tasks/s at the largest N over the smallest)",
+        _scale_metrics(tuple(sorted({*SCALE_QUICK["tasks"], *SCALE_FULL["tasks"]}))),
+        full=SCALE_FULL, quick=SCALE_QUICK, measure=measure_scale,
+        systems=("minidist", "dask"), dask_options={"separate_scheduler": True},
+        targets=[Target("rate_ratio", None, ">=", 0.9),
+                 Target(f"client_B_per_future_{size_tag(SCALE_FULL['tasks'][-1])}", None,
+                        "<=", 1024),
+                 Target(f"center_B_per_task_{size_tag(SCALE_FULL['tasks'][-1])}", None,
+                        "<=", 1024)],
+        measure_deadline=1800),
 ]}
