@@ -54,6 +54,8 @@ from .wire import BatchedSender, ConnectionPool, Security
 logger = logging.getLogger("minidist.executor")
 
 _UNFETCHED = object()
+SEND_CHUNK = 10_000
+"""A map of more calls than this is sent as several ``update_graph`` messages."""
 
 
 class _Unloadable:
@@ -87,19 +89,39 @@ class _KeyInfo:
     def __init__(self, key: Any) -> None:
         self.key = key
         self.status = "pending"
-        self.who_has: list[str] = []
+        self.who_has: list[str] | tuple = ()
         self.value: wire.Serialized | None = None  # a small result that came with its event
         self.exception: BaseException | None = None
         self.tb: str | None = None
         self.refs = 0
-        self.futures: list[weakref.ref] = []
+        # The weakref of its one Future (the common case: no list), or a list of them.
+        self.futures: weakref.ref | list[weakref.ref] | None = None
         self.generation = 0  # bumps on every event, so fetchers can wait for news
         self.token: str | None = None  # of the task, for a key named with ``key=``
         self.cancelled = False  # some Future of it was cancelled: do not finish it unwatched
 
+    def add_future(self, future: Future) -> None:
+        ref = weakref.ref(future)
+        refs = self.futures
+        if refs is None:
+            self.futures = ref
+        elif type(refs) is list:
+            refs.append(ref)
+        else:
+            self.futures = [refs, ref]
+
     def live_futures(self) -> list[Future]:
-        alive = [f for f in (r() for r in self.futures) if f is not None]
-        if len(alive) < len(self.futures):
+        refs = self.futures
+        if refs is None:
+            return []
+        if type(refs) is not list:
+            future = refs()
+            if future is None:
+                self.futures = None
+                return []
+            return [future]
+        alive = [f for f in (r() for r in refs) if f is not None]
+        if len(alive) < len(refs):
             self.futures = [weakref.ref(f) for f in alive]
         return alive
 
@@ -117,7 +139,15 @@ class Future(HasKey, concurrent.futures.Future):
     __dask_future__ = True  # dask (delayed, persisted graphs) treats it as its key's value
 
     def __init__(self, key: Any, session: Executor, info: _KeyInfo) -> None:
-        super().__init__()
+        # concurrent.futures.Future.__init__, but with the session's Condition instead of
+        # one of its own (a Condition, its RLock and its deque weigh about 1 KB): a wait
+        # on it may wake for another Future, so result() and exception() wait in a loop.
+        self._condition = session._future_condition
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
         self.key = key
         self._session = session
         self._info = info
@@ -134,7 +164,8 @@ class Future(HasKey, concurrent.futures.Future):
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the key, fetch its value from a worker, return it (or raise its error)."""
         end = None if timeout is None else time.monotonic() + timeout
-        value = super().result(timeout)
+        self._wait_done(end)
+        value = super().result(0)
         info = self._info
         if info.status == "error":
             raise info.exception
@@ -157,10 +188,20 @@ class Future(HasKey, concurrent.futures.Future):
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The task's exception (with the remote traceback as ``__cause__``), or None."""
-        exc = super().exception(timeout)
+        self._wait_done(None if timeout is None else time.monotonic() + timeout)
+        exc = super().exception(0)
         if exc is None and self._info.status in ("error", "lost"):
             return self._info.exception
         return exc
+
+    def _wait_done(self, end: float | None) -> None:
+        """Wait until done or ``end`` (the Condition is shared: it also wakes for others)."""
+        with self._condition:
+            while self._state in (PENDING, RUNNING):
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                self._condition.wait(left)
 
     def traceback(self) -> str | None:
         """The traceback text from the worker where the task failed, if it failed."""
@@ -306,6 +347,7 @@ class Executor(concurrent.futures.Executor):
         self._keys: dict[Any, _KeyInfo] = {}
         self._deferred: collections.deque[tuple[_KeyInfo, bool]] = collections.deque()
         self._news = threading.Condition(self._lock)
+        self._future_condition = threading.Condition()  # shared by this session's Futures
         self._shutdown = False
         self._broken: BaseException | None = None
         self._closed = False
@@ -367,7 +409,16 @@ class Executor(concurrent.futures.Executor):
             else:
                 named[key] = _token(spec)
             tasks.append((key, spec, tuple(deps), opts))
-        return self._send_tasks(tasks, [t[0] for t in tasks], named)
+        if len(tasks) <= SEND_CHUNK:
+            return self._send_tasks(tasks, [t[0] for t in tasks], named)
+        # Packed whole first (a call that does not pickle submits nothing), then sent in
+        # chunks: the message being pickled, and the packed calls, stay small.
+        futures = []
+        for i in range(0, len(tasks), SEND_CHUNK):
+            chunk = tasks[i:i + SEND_CHUNK]
+            tasks[i:i + SEND_CHUNK] = itertools.repeat(None, len(chunk))
+            futures += self._send_tasks(chunk, [t[0] for t in chunk], named)
+        return futures
 
     def _send_tasks(self, tasks: list[tuple], wants: list,
                     named: dict | None = None) -> list[Future]:
@@ -421,7 +472,7 @@ class Executor(concurrent.futures.Executor):
             info = self._keys[key] = _KeyInfo(key)
         future = Future(key, self, info)
         info.refs += 1
-        info.futures.append(weakref.ref(future))
+        info.add_future(future)
         if info.status == "finished":
             future._finish()
         elif info.status in ("error", "lost"):
