@@ -72,7 +72,8 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import deque
-from typing import Any, Callable, Iterable
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping
 
 from .task import KeyConflictError, KilledWorker, LostKeyError, NoWorkerError, RunSpec, key_name
 from .wire import Serialized, serialize
@@ -121,7 +122,7 @@ class TaskState:
         self.dependents: dict[TaskState, None] | None = None  # all known dependents (lineage)
         self.waiting_on: set[TaskState] | None = None         # inputs not yet in memory
         self.waiters: dict[TaskState, None] | None = None     # dependents that still need me
-        self.who_wants: dict[str, None] | None = None         # client ids
+        self.who_wants: Mapping[str, None] | None = None      # client ids (see _want)
         self.who_has: dict[WorkerState, None] | None = None
         self.worker: WorkerState | None = None          # processing on / queued for
         self.nbytes = 0
@@ -193,11 +194,12 @@ class WorkerState:
 class ClientState:
     """A connected client: its stream and the keys it holds futures for."""
 
-    __slots__ = ("id", "stream", "wants", "refused")
+    __slots__ = ("id", "stream", "wants", "refused", "alone")
 
     def __init__(self, client_id: str, stream: Any) -> None:
         self.id = client_id
         self.stream = stream
+        self.alone = MappingProxyType({client_id: None})  # who_wants when only it does
         self.wants: dict[TaskState, None] = {}
         self.refused: set = set()  # keys refused as conflicts, until the client releases them
 
@@ -234,6 +236,33 @@ def _discard(ts: TaskState, attr: str, item: Any) -> None:
     s = getattr(ts, attr)
     if s:
         s.pop(item, None)
+
+
+def _want(ts: TaskState, cs: ClientState) -> None:
+    """Add ``cs`` to ``ts.who_wants``.
+
+    A key wanted by one client (nearly every key) shares that client's
+    read-only ``alone`` mapping instead of a dict of its own, which would
+    cost about 200 bytes per task; a second client makes it a dict.
+    """
+    wants = ts.who_wants
+    if wants is None:
+        ts.who_wants = cs.alone
+    elif type(wants) is dict:
+        wants[cs.id] = None
+    elif cs.id not in wants:
+        ts.who_wants = {**wants, cs.id: None}
+
+
+def _unwant(ts: TaskState, client_id: str) -> None:
+    """Remove a client from ``ts.who_wants`` (see ``_want``)."""
+    wants = ts.who_wants
+    if not wants:
+        return
+    if type(wants) is dict:
+        wants.pop(client_id, None)
+    elif client_id in wants:
+        ts.who_wants = None
 
 
 class Scheduler:
@@ -345,7 +374,7 @@ class Scheduler:
             del self.clients[client_id]
             self._out.setdefault(stream, []).append(None)
             for ts in cs.wants:
-                _discard(ts, "who_wants", client_id)
+                _unwant(ts, client_id)
                 self._release_if_unneeded(ts)
             logger.info("client %s left; released %d keys", client_id[:8], len(cs.wants))
         return self._done()
@@ -785,7 +814,7 @@ class Scheduler:
                 self._post(cs.stream, {"op": "lost", "key": key, "reason":
                                        f"key {key_name(key)!r} is not known to the center"})
                 continue
-            _add(ts, "who_wants", cs.id)
+            _want(ts, cs)
             cs.wants[ts] = None
             if ts.state == RELEASED:
                 roots.append(ts)
@@ -850,7 +879,7 @@ class Scheduler:
             ts = self.tasks.get(key)
             if ts is None:
                 continue
-            _discard(ts, "who_wants", cs.id)
+            _unwant(ts, cs.id)
             cs.wants.pop(ts, None)
             self._release_if_unneeded(ts)
 
@@ -860,7 +889,7 @@ class Scheduler:
             ts = self.tasks.get(key)
             if ts is None:
                 ts = self.tasks[key] = TaskState(key, None)
-            _add(ts, "who_wants", cs.id)
+            _want(ts, cs)
             cs.wants[ts] = None
             holders = [self.workers[a] for a in addresses if a in self.workers]
             if not holders:

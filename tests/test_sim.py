@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from minidist import sim
-from minidist.scheduler import Scheduler
+from minidist.scheduler import Scheduler, _unwant
 
 CI_SEEDS = 2000
 
@@ -58,7 +58,7 @@ def test_skipped_release_is_reported_and_replays(monkeypatch):
         for key in keys:
             ts = self.tasks.get(key)
             if ts is not None:
-                ts.who_wants.pop(cs.id, None)
+                _unwant(ts, cs.id)
                 cs.wants.pop(ts, None)   # ... but never _release_if_unneeded
     monkeypatch.setattr(Scheduler, "_on_release", release_without_freeing)
     failure = first_failure()
