@@ -570,10 +570,14 @@ class Scheduler:
         for dep in ts.deps:
             _discard(dep, "waiters", ts)
             self._release_if_unneeded(dep)
-        self._release_if_unneeded(ts)
+        if not (ts.who_wants or ts.waiters):
+            self._release_if_unneeded(ts)
 
     def _add_holder(self, ts: TaskState, ws: WorkerState) -> None:
-        _add(ts, "who_has", ws)
+        if ts.who_has is None:
+            ts.who_has = {ws: None}
+        else:
+            ts.who_has[ws] = None
         if ts not in ws.has_what:
             ws.has_what[ts] = None
             ws.nbytes += ts.nbytes
@@ -1024,9 +1028,11 @@ class Scheduler:
         while heap:
             entry = heap[0]
             ws = entry[2]
-            if entry is ws.free_entry and ws.has_slot() and entry[0] == ws.occupancy() and \
-                    self.workers.get(ws.address) is ws:
-                return ws
+            if entry is ws.free_entry:
+                n = len(ws.processing)
+                if n < ws.capacity and entry[0] == n / ws.nthreads and \
+                        self.workers.get(ws.address) is ws:
+                    return ws
             heapq.heappop(heap)  # stale: its load changed since, or it left
             if entry is ws.free_entry:
                 ws.free_entry = None
@@ -1034,9 +1040,10 @@ class Scheduler:
 
     def _offer(self, ws: WorkerState) -> None:
         """File ``ws`` among the workers with a free slot (after its load changed)."""
-        if not ws.has_slot():
+        n = len(ws.processing)
+        if n >= ws.capacity:
             return
-        occupancy = ws.occupancy()
+        occupancy = n / ws.nthreads
         entry = ws.free_entry
         if entry is not None and entry[0] == occupancy:
             return  # filed already
@@ -1095,14 +1102,15 @@ class Scheduler:
 
     def _fill_dirty(self) -> None:
         dirty, self._dirty = self._dirty, {}
-        for ws in sorted(dirty, key=WorkerState.occupancy):
+        for ws in sorted(dirty, key=WorkerState.occupancy) if len(dirty) > 1 else dirty:
             if self.workers.get(ws.address) is ws:
                 self._fill(ws)
 
     def _fill(self, ws: WorkerState) -> None:
         """Give ``ws`` work for its free slots: its own queue, the global one, then steal."""
-        while ws.has_slot():
-            ts = self._pop_pending(ws) or self._pop_queued() or self._steal_for(ws)
+        while len(ws.processing) < ws.capacity:
+            ts = (ws.pending and self._pop_pending(ws)) or (self.queued and self._pop_queued()) \
+                or (self._backlogged and self._steal_for(ws)) or None
             if ts is None:
                 if len(ws.processing) < ws.nthreads:
                     self._take_back_for(ws)
