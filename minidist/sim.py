@@ -38,6 +38,7 @@ and 10,000 to 1,000,000 tasks: CPU per task and memory per task.
 from __future__ import annotations
 
 import argparse
+import gc
 import heapq
 import logging
 import random
@@ -915,15 +916,26 @@ def scale(ntasks_list: tuple[int, ...] = SCALE_SIZES, nworkers: int = 1000,
       is the growth of traced memory (``tracemalloc``) over the task count,
       messages to the workers included.  Keys look like real ones
       (``inc-`` and 32 hex digits).
+
+    The garbage collector runs as it does in the center (``center.tune_gc``).
     """
+    from .center import GC_THRESHOLDS
     rows = []
-    for ntasks in ntasks_list:
-        row = {"tasks": ntasks, "workers": nworkers}
-        row.update(_scale_flow(ntasks, nworkers))
-        row.update(_scale_pending(ntasks, nworkers))
-        rows.append(row)
-        if progress is not None:
-            progress(row)
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        for ntasks in ntasks_list:
+            row = {"tasks": ntasks, "workers": nworkers}
+            row.update(_scale_flow(ntasks, nworkers))
+            row.update(_scale_pending(ntasks, nworkers))
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
     return rows
 
 
