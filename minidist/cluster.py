@@ -18,6 +18,10 @@ threads that always drain the pipes.  When every worker is gone for good
 (not by ``stop_worker``/``close``), the callbacks in ``on_workers_lost``
 run: an Executor that owns the cluster breaks its futures instead of
 letting them wait forever.
+
+Each worker gets ``memory_limit`` (default ``auto``: this machine's
+memory divided by ``n_workers``), spills above 60% of it, pauses above
+80%, and the nanny kills and restarts it above 95% (``memory.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any, Callable
 
 from . import wire
 from .executor import close_shared_sessions, local_cluster_security
+from .memory import parse_memory_limit, terminate_policy
 from .nanny import Child, Nanny
 from .wire import Security
 
@@ -86,6 +91,10 @@ class LocalCluster:
     use it automatically.  Pass ``auth_key=False`` for no authentication.
     A worker that dies is restarted (``nanny=False``: it is not), and what
     the workers print appears on this process's stdout and stderr.
+    ``memory_limit`` is per worker: bytes, ``"4GB"``, ``"512MiB"``, a
+    fraction of the machine (``0.25``), ``"auto"`` (the machine's memory
+    divided by ``n_workers``) or None/0 for none; ``local_directory`` is
+    where workers spill (default: the temporary directory).
     """
 
     def __init__(self, n_workers: int = 2, threads_per_worker: int = 1, *,
@@ -93,7 +102,9 @@ class LocalCluster:
                  tls_ca: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, heartbeat_timeout: float | None = None,
                  allowed_failures: int | None = None, log_level: str = "warning",
-                 timeout: float = 30.0, nanny: bool = True) -> None:
+                 timeout: float = 30.0, nanny: bool = True,
+                 memory_limit: int | float | str | None = "auto",
+                 local_directory: str | None = None) -> None:
         if auth_key is None:
             auth_key = secrets.token_hex(32)
         self.security = Security(auth_key or None, tls_ca=tls_ca, tls_cert=tls_cert,
@@ -103,6 +114,9 @@ class LocalCluster:
         self.threads_per_worker = threads_per_worker
         self.log_level = log_level
         self.timeout = timeout
+        self.memory_limit = parse_memory_limit(memory_limit, n_workers)
+        """Bytes of memory each worker may use (None: no limit)."""
+        self.local_directory = local_directory
         # Heartbeat often enough that a short timeout still spans several beats.
         self._heartbeat_interval = None if heartbeat_timeout is None else \
             min(1.0, heartbeat_timeout / 5)
@@ -117,8 +131,9 @@ class LocalCluster:
         if self.auth_key:
             env["MINIDIST_AUTH_KEY"] = self.auth_key.decode()
         self._env = env
+        policies = [terminate_policy(self.memory_limit)] if self.memory_limit and nanny else []
         self._nanny = Nanny(restart=nanny, forward_output=True, new_session=True, env=env,
-                            on_gone=self._worker_gone)
+                            on_gone=self._worker_gone, policies=policies)
         listener = _listening_socket(host)
         self.address = wire.format_address(host, listener.getsockname()[1])
         center_args = ["--listen-fd", str(listener.fileno())]
@@ -157,7 +172,9 @@ class LocalCluster:
 
     def _spawn_worker(self, nthreads: int | None, name: str | None = None) -> Child:
         args = [self.address, "--nthreads", str(nthreads or self.threads_per_worker),
-                "--no-nanny"]
+                "--no-nanny", "--memory-limit", str(self.memory_limit or 0)]
+        if self.local_directory:
+            args += ["--local-directory", self.local_directory]
         if name:
             args += ["--name", name]
         if self._heartbeat_interval is not None:

@@ -253,7 +253,8 @@ class Executor(concurrent.futures.Executor):
 
     ``Executor("host:port")`` connects to a center; ``Executor()`` starts a
     LocalCluster and owns it (``Executor(4)`` or ``max_workers=4`` sizes it,
-    as with ProcessPoolExecutor).  ``map`` follows PEP 3148 and returns an
+    as with ProcessPoolExecutor; ``memory_limit=`` is each of its workers'
+    limit, default ``"auto"``).  ``map`` follows PEP 3148 and returns an
     iterator of results; see ``Client`` for a map that returns futures.
 
     As with ProcessPoolExecutor, ``initializer(*initargs)`` runs on each
@@ -272,7 +273,8 @@ class Executor(concurrent.futures.Executor):
                  timeout: float = 10.0, auth_key: bytes | str | None = None,
                  tls_ca: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, initializer: Callable[..., Any] | None = None,
-                 initargs: tuple = ()) -> None:
+                 initargs: tuple = (),
+                 memory_limit: int | float | str | None = "auto") -> None:
         self._cluster = None
         if isinstance(address, int) and not isinstance(address, bool):
             address, max_workers = None, address
@@ -294,6 +296,7 @@ class Executor(concurrent.futures.Executor):
             from .cluster import LocalCluster
             self._cluster = LocalCluster(n_workers=n_workers or max_workers or 2,
                                          threads_per_worker=threads_per_worker,
+                                         memory_limit=memory_limit,
                                          tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
             address, cluster_security = self._cluster.address, self._cluster.security
         self.address = wire.format_address(*wire.parse_address(address))
@@ -705,6 +708,24 @@ class Executor(concurrent.futures.Executor):
         return self._center("nthreads")
 
     ncores = nthreads
+
+    def memory(self) -> dict:
+        """worker address -> its memory, as it last reported it (every half second at most).
+
+        ``managed``: bytes of results held in memory; ``spilled``: bytes of
+        results written to its local directory; ``unmanaged``: the rest of
+        its RSS (interpreter, libraries, a running task's temporaries);
+        ``paused``: True while it starts no new task because its memory is
+        nearly full; ``limit``: its memory limit in bytes (None: none);
+        ``spill_error``: why its last spill failed, or None.
+        """
+        return {address: {"managed": w.get("memory_managed", 0),
+                          "spilled": w.get("memory_spilled", 0),
+                          "unmanaged": w.get("memory_unmanaged", 0),
+                          "paused": w.get("paused", False),
+                          "limit": w.get("memory_limit"),
+                          "spill_error": w.get("spill_error")}
+                for address, w in self._center("workers").items()}
 
     def _center(self, op: str, **kwargs: Any) -> Any:
         return self._pool.call(self.address, op, **kwargs)

@@ -11,7 +11,8 @@ current time, and each event returns the messages to send, per stream::
   worker registered             -> worker_added(now, stream, address, ...)
   batch read from a worker      -> worker_msgs(now, stream, address, batch)
                                      task_finished, task_erred, missing_data, data_erred,
-                                     steal_response, add_keys, heartbeat, unregister
+                                     steal_response, add_keys, heartbeat, memory,
+                                     unregister
   worker stream closed/silent   -> worker_removed(now, address, reason, stream)
   client registered / left      -> client_added / client_removed(now, stream, client_id)
   batch read from a client      -> client_msgs(now, stream, client_id, batch)
@@ -40,9 +41,11 @@ Life of one task, ``e.submit(inc, 1)``:
    fewest input bytes must move (ties: the least busy), if that worker has
    a free slot (``nthreads`` plus a prefetch worth a few milliseconds of
    work); otherwise it waits at the center, in that worker's pending queue
-   or, with no inputs, in the global queue.  Workers take from these queues
-   as slots free up, and an idle worker steals from a pending queue longer
-   than its owner's capacity, so a worker that joins mid-job gets work at
+   or, with no inputs, in the global queue.  A worker paused for memory has
+   no free slot and is chosen only if every candidate is paused.  Workers
+   take from these queues as slots free up, and an idle worker steals from
+   a pending queue longer than its owner's capacity (any pending queue of a
+   paused worker), so a worker that joins mid-job gets work at
    once while work on data still runs where the data is.
 4. The worker runs it and sends ``task_finished``; the task goes to
    ``memory``, the client gets a ``memory`` event naming the holders and
@@ -142,7 +145,8 @@ class WorkerState:
 
     __slots__ = ("address", "name", "nthreads", "stream", "processing", "pending",
                  "has_what", "nbytes", "last_seen", "pid", "capacity", "min_prefetch",
-                 "duration", "last_progress")
+                 "duration", "last_progress", "paused", "managed", "spilled", "unmanaged",
+                 "memory_limit", "spill_error")
 
     def __init__(self, address: str, name: str, nthreads: int, stream: Any,
                  pid: int | None, prefetch: int, now: float) -> None:
@@ -160,9 +164,14 @@ class WorkerState:
         self.nbytes = 0
         self.last_seen = now
         self.pid = pid
+        # What the worker last said of its memory (its "memory" message); paused: no new tasks.
+        self.paused = False
+        self.managed = self.spilled = self.unmanaged = 0
+        self.memory_limit: int | None = None
+        self.spill_error: str | None = None
 
     def has_slot(self) -> bool:
-        return len(self.processing) < self.capacity
+        return len(self.processing) < self.capacity and not self.paused
 
     def stalled_since(self) -> float | None:
         """When this worker counts as stalled with prefetched tasks, or None if it has none."""
@@ -260,6 +269,7 @@ class Scheduler:
         self._out: Outgoing = {}                 # messages of the event being handled
         self._stealing: dict[TaskState, WorkerState] = {}  # asked back from a stalled worker
         self._next_steal_check = float("inf")
+        self._paused = 0  # workers paused for memory
         self._worker_ops: dict[str, Callable[..., None]] = {
             "task_finished": self._on_task_finished,
             "task_erred": self._on_task_erred,
@@ -268,6 +278,7 @@ class Scheduler:
             "steal_response": self._on_steal_response,
             "add_keys": self._on_add_keys,
             "heartbeat": lambda ws: None,
+            "memory": self._on_memory,
             "unregister": lambda ws: self._remove_worker(ws, "worker is leaving"),
         }
         self._client_ops: dict[str, Callable[..., None]] = {
@@ -422,6 +433,8 @@ class Scheduler:
         log("removing worker %s: %s", ws.address, reason)
         del self.workers[ws.address]
         self._dirty.pop(ws, None)
+        if ws.paused:
+            self._paused -= 1
         self._stealing = {ts: thief for ts, thief in self._stealing.items()
                           if thief is not ws and ts.worker is not ws}
         self._out.setdefault(ws.stream, []).append(None)
@@ -593,6 +606,26 @@ class Scheduler:
         ts.who_has = None
         self._set_erred(ts, exception, traceback)
 
+    def _on_memory(self, ws: WorkerState, managed: int, spilled: int, unmanaged: int,
+                   paused: bool, limit: int | None = None, spill_error: str | None = None,
+                   **_: Any) -> None:
+        """A worker's memory figures; a paused worker gets no new task until it resumes."""
+        ws.managed, ws.spilled, ws.unmanaged = managed, spilled, unmanaged
+        ws.memory_limit, ws.spill_error = limit, spill_error
+        paused = bool(paused)
+        if paused == ws.paused:
+            return
+        ws.paused = paused
+        self._paused += 1 if paused else -1
+        if paused:
+            logger.warning("worker %s paused: its memory is nearly full (managed %d MiB, "
+                           "unmanaged %d MiB, limit %s MiB); it gets no new tasks",
+                           ws.address, managed >> 20, unmanaged >> 20,
+                           "?" if limit is None else limit >> 20)
+        else:
+            logger.warning("worker %s resumed", ws.address)
+            self._dirty[ws] = None
+
     def _on_add_keys(self, ws: WorkerState, keys: dict, from_registration: bool = False,
                      adopt: bool = False) -> None:
         """``ws`` holds copies of ``keys``: inputs it fetched, or all it held when it registered.
@@ -678,7 +711,7 @@ class Scheduler:
     def _steal_for(self, thief: WorkerState) -> TaskState | None:
         """Take a task from the longest pending queue when its backlog is real."""
         victims = [ws for ws in self.workers.values()
-                   if ws is not thief and len(ws.pending) > ws.capacity]
+                   if ws is not thief and len(ws.pending) > (0 if ws.paused else ws.capacity)]
         if not victims:
             return None
         victim = max(victims, key=lambda ws: len(ws.pending))
@@ -925,6 +958,8 @@ class Scheduler:
         if not candidates:
             self._queue_anywhere(ts)
             return
+        if self._paused:  # a paused worker gets work only when every candidate is paused
+            candidates = [ws for ws in candidates if not ws.paused] or list(candidates)
         cost = self._move_cost
         best = min(candidates, key=lambda ws: (cost(ts, ws), ws.occupancy()))
         if best.has_slot():
@@ -1119,10 +1154,18 @@ class Scheduler:
         return {ws.address: ws.nthreads for ws in self.workers.values()}
 
     def worker_info(self, now: float) -> dict:
-        """worker address -> name, threads, pid, running and held counts."""
+        """worker address -> name, threads, pid, running and held counts, memory figures.
+
+        ``memory_managed`` (bytes of results in memory), ``memory_spilled``
+        (bytes of results on disk), ``memory_unmanaged`` (RSS minus managed)
+        and ``paused`` are what the worker last reported.
+        """
         return {ws.address: {"name": ws.name, "nthreads": ws.nthreads, "pid": ws.pid,
                              "processing": len(ws.processing), "keys": len(ws.has_what),
-                             "nbytes": ws.nbytes, "last_seen": now - ws.last_seen}
+                             "nbytes": ws.nbytes, "last_seen": now - ws.last_seen,
+                             "memory_managed": ws.managed, "memory_spilled": ws.spilled,
+                             "memory_unmanaged": ws.unmanaged, "paused": ws.paused,
+                             "memory_limit": ws.memory_limit, "spill_error": ws.spill_error}
                 for ws in self.workers.values()}
 
     def info(self) -> dict:

@@ -403,31 +403,6 @@ def _last_exception_text(tb: str) -> str:
     return "\n".join(lines[start:]) or "unknown error"
 
 
-def sizeof(obj: Any) -> int:
-    """A cheap estimate of the bytes an object holds (for scheduling decisions)."""
-    try:
-        nbytes = obj.nbytes
-        if isinstance(nbytes, int):
-            return nbytes
-    except Exception:
-        pass
-    typ = type(obj)
-    if typ in (bytes, bytearray, str):
-        return len(obj)
-    if typ in (list, tuple, set) and obj:
-        sample = list(obj)[:10] if typ is set else obj[:10]
-        return sys.getsizeof(obj) + sum(sizeof(x) for x in sample) * len(obj) // len(sample)
-    if typ is dict and obj:
-        return sys.getsizeof(obj) + sum(sizeof(v) for v in list(obj.values())[:10]) \
-            * len(obj) // min(len(obj), 10)
-    if hasattr(obj, "memory_usage"):  # pandas DataFrame
-        try:
-            return int(obj.memory_usage(deep=False).sum())
-        except Exception:
-            pass
-    return sys.getsizeof(obj)
-
-
 def key_name(key: Any) -> str:
     """Short printable form of a key for logs and reprs."""
     return key if isinstance(key, str) else repr(key)
