@@ -102,16 +102,15 @@ def sizeof(obj: Any) -> int:
         @minidist.sizeof.register(MyType)
         def _(obj): return obj.size_in_bytes()
     """
-    nbytes = getattr(obj, "nbytes", None)
-    if isinstance(nbytes, int):
-        return nbytes
-    usage = getattr(obj, "memory_usage", None)
-    if usage is not None and type(obj).__module__.startswith("pandas"):
+    if type(obj).__module__.startswith("pandas"):  # deep: object columns count their items
         try:
-            total = usage(deep=True)
+            total = obj.memory_usage(deep=True)
             return int(total if isinstance(total, int) else total.sum())
         except Exception:
             pass
+    nbytes = getattr(obj, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
     try:
         return sys.getsizeof(obj)
     except Exception:
@@ -551,6 +550,9 @@ def _unlink(path: str) -> None:
 # ---------------------------------------------------------------------- the manager
 
 
+_EXACT = ("managed", "spilled", "paused", "spill_error", "limit")
+
+
 class MemoryManager:
     """Watches a worker's memory: spills, pauses, trims and reports to the center.
 
@@ -667,11 +669,9 @@ class MemoryManager:
             return
         figures = self.figures(rss)
         last = self._last_report
-        if last is not None and last["paused"] == figures["paused"] and \
-                last["spill_error"] == figures["spill_error"] and \
-                all(abs(figures[k] - last[k]) < (1 << 20) for k in ("managed", "spilled",
-                                                                   "unmanaged")):
-            return
+        if last is not None and all(last[k] == figures[k] for k in _EXACT) and \
+                abs(figures["unmanaged"] - last["unmanaged"]) < (1 << 20):
+            return  # nothing new but RSS noise
         self._last_report, self._last_report_at = figures, now
         self.report({"op": "memory", **figures})
 
