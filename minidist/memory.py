@@ -12,9 +12,11 @@ threads.  The thresholds are fractions of the worker's memory limit
 
 The data flow of one key::
 
-  task thread --put(key, value, nbytes)--> fast (dict, LRU order) --over target--> wake spill thread
-  spill thread: pick LRU key -> serialize (protocol 5, buffers out of band) -> write file
-                -> under the lock, if the key still holds that value: move it to slow
+  task thread --put(key, value, nbytes)--> fast (dict, LRU order)
+      over the target: the task thread spills before its next task (the producer pays),
+      and the spill thread is woken for data that arrived otherwise (peers, scatter)
+  spilling: pick LRU key -> serialize (protocol 5, buffers out of band) -> write file
+            -> under the lock, if the key still holds that value: move it to slow
   task thread --data[key]--> fast? value : read file -> unpickle -> back into fast
   get_data    --serialized(key)--> fast? value : the file's frames as they are (no unpickling)
 
@@ -366,6 +368,7 @@ class SpillBuffer(MutableMapping):
         self.fast: OrderedDict[Any, Any] = OrderedDict()
         self.sizes: dict[Any, int] = {}
         self.slow: dict[Any, _Spilled] = {}
+        self.kept: dict[Any, _Spilled] = {}  # keys read back into fast whose file stays valid
         self.managed = 0  # bytes of the keys in memory
         self.spilled = 0  # in-memory bytes of the keys on disk
         self.error: str | None = None  # the last spill failure, until a spill succeeds
@@ -374,12 +377,20 @@ class SpillBuffer(MutableMapping):
         self.spill_count = self.spill_bytes = self.unspill_count = 0
         self.spill_seconds = 0.0  # time spent pickling and writing
         self._pinned: set = set()  # keys that cannot be pickled: never spilled
+        self._spilling: set = set()  # keys some thread is writing now
         self._names = itertools.count()
         self._lock = threading.Lock()
 
     # -- mapping
 
     def __getitem__(self, key: Any) -> Any:
+        """The value of ``key``; a spilled key is read back into memory.
+
+        Its file is kept, so evicting it again costs no write (values are
+        not to be changed in place), and it goes in as the least recently
+        used key: it is the cheapest to evict, and a key read back is
+        usually needed by one task, unlike the results not spilled yet.
+        """
         with self._lock:
             if key in self.fast:
                 self.fast.move_to_end(key)
@@ -387,15 +398,16 @@ class SpillBuffer(MutableMapping):
             spilled = self.slow[key]
         value = wire.deserialize(self._read(key, spilled))
         with self._lock:
-            if self.slow.get(key) is spilled:  # back into memory; its file goes
+            if self.slow.get(key) is spilled:  # back into memory; its file is kept
                 del self.slow[key]
                 self.spilled -= spilled.nbytes
                 self._insert(key, value, spilled.nbytes)
+                self.fast.move_to_end(key, last=False)  # cold: evicting it again is free
+                self.kept[key] = spilled
                 self.unspill_count += 1
             else:
-                spilled = None  # deleted or stored again meanwhile: not ours to remove
+                spilled = None  # deleted or stored again meanwhile
         if spilled is not None:
-            _unlink(spilled.path)
             self._check_target()
         return value
 
@@ -457,10 +469,27 @@ class SpillBuffer(MutableMapping):
         Raises ``SpillError`` when the file cannot be written; the key stays in memory.
         """
         with self._lock:
-            key = next((k for k in self.fast if k not in self._pinned), _NOTHING)
+            key = next((k for k in self.fast if k not in self._pinned
+                        and k not in self._spilling), _NOTHING)
             if key is _NOTHING:
                 return 0
             value, nbytes = self.fast[key], self.sizes[key]
+            kept = self.kept.pop(key, None)
+            if kept is not None:  # read back earlier and its file kept: nothing to write
+                del self.fast[key]
+                del self.sizes[key]
+                self.managed -= nbytes
+                self.slow[key] = kept
+                self.spilled += nbytes
+                return nbytes
+            self._spilling.add(key)
+        try:
+            return self._spill(key, value, nbytes)
+        finally:
+            with self._lock:
+                self._spilling.discard(key)
+
+    def _spill(self, key: Any, value: Any, nbytes: int) -> int:
         start = time.perf_counter()
         try:
             frames = wire.serialize(value)
@@ -504,12 +533,12 @@ class SpillBuffer(MutableMapping):
         self.managed += nbytes
 
     def _remove(self, key: Any) -> _Spilled | None | bool:
-        """Drop ``key``: its _Spilled record if it was on disk, None if in memory, else False."""
+        """Drop ``key``: its _Spilled record if it has a file, None if not, False if not held."""
         if key in self.fast:
             del self.fast[key]
             self.managed -= self.sizes.pop(key)
             self._pinned.discard(key)
-            return None
+            return self.kept.pop(key, None)
         spilled = self.slow.pop(key, None)
         if spilled is None:
             return False
@@ -534,6 +563,7 @@ class SpillBuffer(MutableMapping):
         """Forget every spilled key (the directory is going away)."""
         with self._lock:
             self.slow.clear()
+            self.kept.clear()
             self.spilled = 0
 
 
@@ -583,6 +613,7 @@ class MemoryManager:
         self._last_report: dict | None = None
         self._last_report_at = 0.0
         self._spill_retry_at = 0.0
+        self._pause_lock = threading.Lock()
         if limit:
             data.target = int(limit * TARGET)
             data.on_over_target = self._wake_spill.set
@@ -641,6 +672,12 @@ class MemoryManager:
         paused = rss > PAUSE * self.limit
         if paused == self.paused:
             return
+        with self._pause_lock:
+            if paused == self.paused:
+                return
+            self._set_paused(paused, rss)
+
+    def _set_paused(self, paused: bool, rss: int) -> None:
         self.paused = paused
         if paused:
             self.unpaused.clear()
@@ -678,28 +715,59 @@ class MemoryManager:
     # -- the spill thread
 
     def _spill_loop(self) -> None:
-        data, limit = self.data, self.limit
         while not self._stopping.is_set():
             self._wake_spill.wait()
             self._wake_spill.clear()
-            if self._stopping.is_set():
-                return
-            wait = self._spill_retry_at - time.monotonic()
-            if wait > 0:
-                self._stopping.wait(wait)
-            try:
-                while data.managed > data.target and data.spill_one():
+            if not self._stopping.is_set():
+                self.spill()
+
+    def spill(self) -> None:
+        """Spill LRU keys while managed bytes are over the target, or RSS over ``SPILL``.
+
+        By RSS it goes on until RSS is below ``TARGET`` or nothing is left
+        in memory.  Any thread may call it (two never write the same key);
+        after a failed write nobody tries again for ``SPILL_RETRY`` seconds.
+        """
+        data, limit = self.data, self.limit
+        if not limit or time.monotonic() < self._spill_retry_at:
+            return
+        try:
+            while data.managed > data.target and data.spill_one():
+                pass
+            if process_rss() > SPILL * limit:  # memory outside the dict: spill by RSS
+                while process_rss() > TARGET * limit and data.spill_one():
                     pass
-                if process_rss() > SPILL * limit:  # memory outside the dict: spill by RSS
-                    while process_rss() > TARGET * limit and data.spill_one():
-                        pass
-            except SpillError as e:
+        except SpillError as e:
+            if time.monotonic() >= self._spill_retry_at:
+                self._spill_retry_at = time.monotonic() + SPILL_RETRY
                 logger.error("%s; keeping %d keys (%s) in memory, retrying in %.0fs", e,
                              len(data.fast), format_bytes(data.managed), SPILL_RETRY)
-                self._spill_retry_at = time.monotonic() + SPILL_RETRY
-            except Exception:
-                logger.exception("spilling failed")
-                self._spill_retry_at = time.monotonic() + SPILL_RETRY
+        except Exception:
+            logger.exception("spilling failed")
+            self._spill_retry_at = time.monotonic() + SPILL_RETRY
+
+    def before_task(self) -> None:
+        """On a task thread, before it starts a task: spill by RSS, pause if still too full.
+
+        Checking here, not only every ``MONITOR_INTERVAL``, keeps short
+        tasks from outrunning the monitor.
+        """
+        if not self.limit:
+            return
+        rss = process_rss()
+        if rss > SPILL * self.limit:
+            self.spill()
+            rss = process_rss()
+        self._check_pause(rss)
+
+    def after_put(self) -> None:
+        """On the thread that stored a result: spill what is over the target, right now.
+
+        The producer pays for its own spilling, so a fast task cannot fill
+        memory faster than the disk takes it.
+        """
+        if self.limit and self.data.managed > self.data.target:
+            self.spill()
 
 
 # ---------------------------------------------------------------------- the directory

@@ -458,11 +458,13 @@ class Worker:
     # ------------------------------------------------------------------ running tasks
 
     def _task_loop(self) -> None:
-        unpaused = self.memory.unpaused
+        memory = self.memory
+        unpaused = memory.unpaused
         while True:
             item = self._ready.get()
             if item is None:
                 return
+            memory.before_task()
             if not unpaused.is_set():  # paused for memory: start nothing until it drops
                 unpaused.wait()
             if self._take_waiting(item):
@@ -494,6 +496,7 @@ class Worker:
         if value is not None:
             msg["value"] = value
         self._send(msg)
+        self.memory.after_put()
 
     # ------------------------------------------------------------------ peer / client ops
 
