@@ -39,8 +39,10 @@ class System:
     name = "system"
     n_workers = 0
 
-    def start(self, n_workers: int = 2, payload_size: int | None = None) -> None:
-        """Start the cluster or pool; ``payload_size`` asks pools to build payloads per worker."""
+    def start(self, n_workers: int = 2, payload_size: int | None = None,
+              memory_limit: int | None = None) -> None:
+        """Start the cluster or pool; ``payload_size`` asks pools to build payloads per worker;
+        ``memory_limit`` is bytes per worker (clusters only; None: each system's default)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -151,10 +153,12 @@ class Minidist(_ClientSystem):
         self.cluster = None
         self.client = None
 
-    def start(self, n_workers: int = 2, payload_size: int | None = None) -> None:
+    def start(self, n_workers: int = 2, payload_size: int | None = None,
+              memory_limit: int | None = None) -> None:
         from minidist import Client, LocalCluster
         self.n_workers = n_workers
-        self.cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, timeout=300)
+        self.cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, timeout=300,
+                                    memory_limit=memory_limit or "auto")
         self.client = Client(self.cluster)
 
     def close(self) -> None:
@@ -288,7 +292,8 @@ class Dask(_ClientSystem):
         self._procs: list[subprocess.Popen] = []
         self._tmp: tempfile.TemporaryDirectory | None = None
 
-    def start(self, n_workers: int = 2, payload_size: int | None = None) -> None:
+    def start(self, n_workers: int = 2, payload_size: int | None = None,
+              memory_limit: int | None = None) -> None:
         try:
             import distributed
         except ImportError as e:
@@ -299,7 +304,8 @@ class Dask(_ClientSystem):
             return
         self.cluster = distributed.LocalCluster(
             n_workers=n_workers, threads_per_worker=1, processes=True,
-            dashboard_address=None, silence_logs=logging.ERROR)
+            dashboard_address=None, silence_logs=logging.ERROR,
+            memory_limit=memory_limit or "auto")
         self.client = distributed.Client(self.cluster)
 
     def _start_processes(self, n_workers: int) -> None:
