@@ -327,13 +327,14 @@ def _write_frames(path: str, value: wire.Serialized) -> int:
 
 
 def _read_frames(path: str) -> wire.Serialized:
-    """Read a file written by ``_write_frames`` straight into fresh buffers."""
+    """Read a file written by ``_write_frames`` straight into fresh buffers (writable, as
+    the arrays were: a large one into a mapping the kernel populates in one go)."""
     with open(path, "rb", buffering=0) as f:
         count = _COUNT.unpack(_read_exactly(f, _COUNT.size))[0]
         lengths = struct.unpack(f"!{count}Q", _read_exactly(f, 8 * count))
         frames = []
-        for n in lengths:
-            frame = bytearray(n)
+        for i, n in enumerate(lengths):
+            frame = wire._fresh_buffer(n) if i else bytearray(n)  # large: populated at once
             view, done = memoryview(frame), 0
             while done < n:
                 got = f.readinto(view[done:])
