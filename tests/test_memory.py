@@ -10,6 +10,8 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -260,3 +262,25 @@ def test_unwritable_spill_directory_errs_clearly_and_loses_nothing(tmp_path, dam
         assert cluster.workers[0].restarts == 0
     if damage == "vanished":
         assert list(parent.iterdir()) == []  # removed when the worker stopped
+
+
+@pytest.mark.timeout(60)
+def test_dworker_memory_flags(spawn, tmp_path):
+    """--memory-limit reaches every worker (auto: the machine split between them), and
+    --local-directory holds each worker's own spill directory while it runs."""
+    center = spawn("center", "--port", "0")
+    spawn("worker", center.address, "--nworkers", "2", "--local-directory", str(tmp_path))
+    spawn("worker", center.address, "--memory-limit", "300MB", "--no-nanny")
+    def reported() -> dict | None:
+        memory = e.memory()
+        return memory if len(memory) == 3 and all(w["limit"] for w in memory.values()) else None
+
+    with Executor(center.address) as e:
+        limits = sorted(w["limit"] for w in wait_for(
+            reported, message="three workers report their limits").values())
+    machine = parse_memory_limit("auto")
+    assert limits == [300 * MB, machine // 2, machine // 2]
+    assert len(list(tmp_path.glob("minidist-worker-*"))) == 2
+    bad = subprocess.run([sys.executable, "-m", "minidist.worker", center.address,
+                          "--memory-limit", "lots"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "invalid memory limit 'lots'" in bad.stderr
