@@ -284,3 +284,29 @@ def test_dworker_memory_flags(spawn, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "minidist.worker", center.address,
                           "--memory-limit", "lots"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "invalid memory limit 'lots'" in bad.stderr
+
+
+def test_scheduler_sends_a_paused_worker_nothing_until_it_resumes():
+    """The state machine alone: a paused worker has no free slot; resuming fills it."""
+    from minidist.scheduler import Scheduler
+
+    def memory(paused: bool) -> list:
+        return [{"op": "memory", "managed": 1, "spilled": 2, "unmanaged": 3, "paused": paused}]
+
+    def computes(out: dict, stream: str) -> list:
+        return [m["key"] for m in out.get(stream, []) if m and m.get("op") == "compute"]
+
+    sched = Scheduler(prefetch=0)
+    sched.worker_added(0.0, "A", "a:1", 1)
+    sched.worker_added(0.0, "B", "b:1", 1)
+    sched.client_added(0.0, "C", "client")
+    sched.worker_msgs(0.1, "A", "a:1", memory(True))
+    tasks = [(f"t{i}", object(), [], None) for i in range(3)]
+    out = sched.client_msgs(0.2, "C", "client", [{"op": "update_graph", "tasks": tasks,
+                                                   "wants": [t[0] for t in tasks]}])
+    assert len(computes(out, "A")) == 0 and len(computes(out, "B")) == 1
+    info = sched.worker_info(0.3)["a:1"]
+    assert info["paused"] is True and (info["memory_managed"], info["memory_spilled"],
+                                       info["memory_unmanaged"]) == (1, 2, 3)
+    out = sched.worker_msgs(0.4, "A", "a:1", memory(False))
+    assert len(computes(out, "A")) == 1
