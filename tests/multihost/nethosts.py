@@ -1,4 +1,4 @@
-"""Separate hosts on one machine: network namespaces on a bridge (the ``net`` fixture).
+"""Separate hosts on one machine: network namespaces on a bridge; the ``net`` fixture.
 
 Each test that takes ``net`` gets a private /24 (``10.200.X.0/24``, X picked at
 random and not in use) on a bridge of its own; ``net.host("w1")`` adds a
@@ -357,3 +357,38 @@ def pids_in_namespace(ns: str) -> list[int]:
     return found
 
 
+# --------------------------------------------------------------------------- fixtures
+# (imported by the test modules: a conftest.py here would shadow tests/conftest.py)
+
+_networks = iter("abcdefghijklmnopqrstuvwxyz")
+
+
+@pytest.fixture
+def net(tmp_path):
+    """A fresh network of namespaces for one test; removed afterwards, pass or fail."""
+    require_namespaces()
+    prefix = RUN_PREFIX + next(_networks)
+    network = Network(prefix, tmp_path)
+    try:
+        yield network
+    finally:
+        network.close()
+        left = leftovers(prefix)
+        assert not left, f"left behind: {left}"
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory) -> dict[str, str]:
+    """A CA and one certificate signed by it, for any 10.200.x.y address."""
+    d = tmp_path_factory.mktemp("mh-tls")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=minidist multi-host test CA", cwd=d)
+    openssl("req", *ec, "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=node", cwd=d)
+    openssl("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "node.pem", "-days", "2", cwd=d)
+    return {name: str(d / name) for name in ("ca.pem", "node.pem", "node.key")}

@@ -1,7 +1,7 @@
 """A cluster spread over separate hosts (network namespaces): addresses, partitions, slow links.
 
 The center, each worker and each client run on hosts of their own (see
-``conftest.py``); clients are agents that run the functions below.  Links go
+``nethosts.py``); clients are agents that run the functions below.  Links go
 down, get cut between two hosts only, or are limited with tbf, and the
 cluster must notice within the heartbeat timeout, recompute what it lost,
 take back hosts that return, and never hang.
@@ -16,6 +16,10 @@ import socket
 import time
 
 import pytest
+
+from nethosts import net, tls_files  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.multihost
 
 KEY = secrets.token_hex(16)
 ENV = {"MINIDIST_AUTH_KEY": KEY}
@@ -174,6 +178,23 @@ def test_computation_across_hosts(net, security, tls_files):
     total, ran_on = agent.call(compute)
     assert total == sum(range(1, 201))
     assert ran_on == sorted(h.ip for h in hw)
+
+
+@pytest.mark.timeout(60)
+def test_advertised_addresses(net):
+    """A wildcard bind advertises the host's routable address, even to a worker that dials
+    its center over loopback; --contact-address overrides (HOST keeps the bound port)."""
+    hc = net.host("c")
+    center = net.spawn(hc, "center", "--port", "0", env=ENV)
+    port = center.address.rpartition(":")[2]
+    assert center.address == f"{hc.ip}:{port}"
+    local = net.spawn(hc, "worker", f"127.0.0.1:{port}", env=ENV)
+    assert local.address.startswith(hc.ip + ":"), local.lines
+    nat = net.spawn(hc, "center", "--port", "0", "--contact-address", "203.0.113.7", env=ENV)
+    assert nat.address.startswith("203.0.113.7:") and nat.address != "203.0.113.7:8787"
+    named = net.spawn(hc, "center", "--port", "0", "--contact-address", "gw.example:9999",
+                      env=ENV)
+    assert named.lines == ["Start center at gw.example:9999"]
 
 
 @pytest.mark.timeout(60)

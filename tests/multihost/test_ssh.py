@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 import minidist
-from nethosts import pids_in_namespace
+from nethosts import net, pids_in_namespace  # noqa: F401  (net: a fixture)
+
+pytestmark = pytest.mark.multihost
 
 KEY = secrets.token_hex(16)
 ENV = {"MINIDIST_AUTH_KEY": KEY}
