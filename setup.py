@@ -18,5 +18,6 @@ setup(
     entry_points={"console_scripts": [
         "dcenter = minidist.center:main",
         "dworker = minidist.worker:main",
+        "dssh = minidist.ssh:main",
     ]},
 )

@@ -122,11 +122,16 @@ class Center:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, host: str = "127.0.0.1", port: int = wire.DEFAULT_PORT,
-              sock: socket.socket | None = None) -> str:
-        """Bind (or serve ``sock``, already listening), start the scheduler, return the address."""
+              sock: socket.socket | None = None, contact_address: str | None = None) -> str:
+        """Bind (or serve ``sock``, already listening), start the scheduler, return the address.
+
+        The address is the one other hosts should dial: ``contact_address``
+        (``HOST`` or ``HOST:PORT``) if given, else the bound interface, or for
+        a wildcard bind the host's primary routable address.
+        """
         wire.warn_if_exposed(host, self.security, "center")
         bound_host, bound_port = self.server.listen(host, port, sock)
-        self.address = wire.format_address(_advertised_host(bound_host), bound_port)
+        self.address = _contact_address(bound_host, bound_port, contact_address)
         self.scheduler.address = self.address
         self._thread.start()
         return self.address
@@ -305,15 +310,13 @@ class Center:
         return self.scheduler.info()
 
 
-def _advertised_host(bound: str) -> str:
-    if bound not in ("0.0.0.0", "", "::"):
-        return bound
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))  # no packet is sent: picks the outward interface
-            return s.getsockname()[0]
-    except OSError:
-        return socket.gethostbyname(socket.gethostname())
+def _contact_address(bound_host: str, bound_port: int, contact: str | None) -> str:
+    if contact:
+        host, sep, port = contact.rpartition(":")
+        if sep and port.isdigit():
+            return wire.format_address(host.strip("[]"), int(port))
+        return wire.format_address(contact.strip("[]"), bound_port)
+    return wire.format_address(wire.reachable_host(bound_host), bound_port)
 
 
 # ---------------------------------------------------------------------- command line
@@ -332,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-workers-timeout", type=float, default=None, metavar="S",
                         help="err tasks that no worker could run for S seconds (no workers, "
                              "or none matching their workers=); default: wait forever")
+    parser.add_argument("--contact-address", default=None,
+                        help="HOST or HOST:PORT that workers and clients should dial "
+                             "(default: the bound interface, or the host's routable address)")
     parser.add_argument("--listen-fd", type=int, default=None,
                         help=argparse.SUPPRESS)  # used by LocalCluster: serve this socket
     add_common_args(parser)
@@ -342,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                     no_workers_timeout=args.no_workers_timeout)
     try:
         sock = None if args.listen_fd is None else socket.socket(fileno=args.listen_fd)
-        address = center.start(host, args.port, sock)
+        address = center.start(host, args.port, sock, contact_address=args.contact_address)
     except OSError as e:
         where = f"{host}:{args.port}" if args.listen_fd is None else f"socket {args.listen_fd}"
         print(f"cannot start center on {where}: {e}", file=sys.stderr)

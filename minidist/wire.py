@@ -128,6 +128,49 @@ def format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "", "::"})
+
+
+def reachable_host(bound: str = "0.0.0.0") -> str:
+    """The host other machines should dial to reach a server bound to ``bound``.
+
+    A specific interface is its own answer.  For a wildcard bind it is the
+    host's primary routable address: the source address the kernel picks
+    for a route to the outside (a UDP ``connect`` sends nothing), or, with
+    no default route, for the first network in the routing table; failing
+    that, the address of the host name if it is not loopback; else 127.0.0.1.
+    """
+    if bound not in WILDCARD_HOSTS:
+        return bound
+    for target in _route_probes():
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((target, 9))
+                host = s.getsockname()[0]
+        except OSError:
+            continue
+        if not host.startswith("127."):
+            return host
+    try:
+        host = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        host = ""
+    return host if host and not host.startswith("127.") else "127.0.0.1"
+
+
+def _route_probes() -> Iterable[str]:
+    """Destinations whose route reveals a routable source address, best first."""
+    yield "192.0.2.1"  # TEST-NET-1 (RFC 5737): reached only through a default route
+    try:
+        with open("/proc/net/route") as f:  # Linux: this network namespace's IPv4 routes
+            rows = [line.split() for line in f.read().splitlines()[1:]]
+    except OSError:
+        return
+    for row in rows:
+        if len(row) > 7 and row[0] != "lo" and int(row[1], 16):
+            yield socket.inet_ntoa(struct.pack("=I", int(row[1], 16)))
+
+
 def resolve_auth_key(auth_key: bytes | str | None = None,
                      auth_key_file: str | None = None) -> bytes | None:
     """The auth key to use: explicit, else from a file, else ``MINIDIST_AUTH_KEY``."""

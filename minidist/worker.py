@@ -53,7 +53,7 @@ from typing import Any
 from . import wire
 from .cli import add_common_args, run_until_signalled, start_process
 from .task import RunSpec, pack_exception, run, sizeof
-from .wire import NO_REPLY, BatchedSender, Connection, ConnectionPool, Security
+from .wire import BatchedSender, Connection, ConnectionPool, Security
 
 logger = logging.getLogger("minidist.worker")
 
@@ -224,10 +224,8 @@ class Worker:
     def _register(self) -> Connection:
         conn = wire.connect(self.center_address, security=self.security)
         if not self.address:
-            host, port = self._bind_host, self.server.port
-            if host in ("0.0.0.0", "", "::"):
-                host = conn.sock.getsockname()[0]
-            self.address = self.contact_address or wire.format_address(host, port)
+            self.address = self.contact_address or wire.format_address(
+                self._reachable_host(conn), self.server.port)
         held = dict(self.nbytes)
         conn.send({"op": "register_worker", "address": self.address,
                    "nthreads": self.nthreads, "name": self.name or self.address,
@@ -250,6 +248,14 @@ class Worker:
         for msg in batch[1:]:
             self._dispatch(msg)
         return conn
+
+    def _reachable_host(self, conn: Connection) -> str:
+        """The host to advertise: the bound interface, or with a wildcard bind the local end
+        of the route to the center (the host's routable address if that is loopback)."""
+        if self._bind_host not in wire.WILDCARD_HOSTS:
+            return self._bind_host
+        host = conn.sock.getsockname()[0]
+        return wire.reachable_host() if host.startswith("127.") else host
 
     def _serve_center(self, conn: Connection) -> None:
         while True:
