@@ -30,6 +30,9 @@ handled in the order they were read.
 Tables: ``tasks`` (key -> TaskState), ``workers`` (address -> WorkerState,
 each with ``processing`` and ``has_what``), ``clients`` (id -> ClientState,
 each with the keys it wants).  ``who_has`` is ``TaskState.who_has``.
+Apart from them, ``history`` (``history.History``) keeps the recent task
+runs (workers report each run's start, stop and thread) and events, for
+the dashboard and ``Client.get_task_stream``; it is only appended to.
 
 Life of one task, ``e.submit(inc, 1)``:
 
@@ -84,6 +87,7 @@ from typing import Any, Callable, Iterable
 
 from . import wire
 from .cli import add_common_args, run_until_signalled, start_process
+from .history import History
 from .task import KeyConflictError, KilledWorker, LostKeyError, RunSpec, key_name
 from .wire import NO_REPLY, BatchedSender, Connection, Security, Serialized
 
@@ -269,6 +273,7 @@ class Center:
         self._next_check = float("inf")  # next heartbeat check
         self._halted = False
         self._stopped = threading.Event()
+        self.history = History()  # recent task runs and events, for the dashboard and clients
         self.server = wire.Server({
             "register_worker": self._handle_worker_stream,
             "register_client": self._handle_client_stream,
@@ -277,6 +282,7 @@ class Center:
             "nthreads": self._query(self.nthreads),
             "workers": self._query(self.worker_info),
             "info": self._query(self.info),
+            "task_stream": self._query(self.history.runs_since),
             "identity": lambda conn: {"type": "center", "pid": os.getpid()},
         }, security=self.security, name="center")
         self._worker_ops: dict[str, Callable[..., None]] = {
@@ -471,6 +477,8 @@ class Center:
         self._post(sender, {"op": "registered", "center": self.address})
         logger.info("worker %s registered (%d threads, %d keys held)", address, ws.nthreads,
                     len(data))
+        self.history.event("worker-added", f"worker {address} ({name}) joined with "
+                                           f"{ws.nthreads} threads")
         if data:
             self._on_add_keys(ws, data, from_registration=True)
         for ts in list(self.no_worker):
@@ -511,6 +519,8 @@ class Center:
             return
         log = logger.info if reason == "worker is leaving" else logger.warning
         log("removing worker %s: %s", ws.address, reason)
+        self.history.event("worker-left" if reason == "worker is leaving" else "worker-removed",
+                           f"worker {ws.address} ({ws.name}) removed: {reason}")
         del self.workers[ws.address]
         self._dirty.discard(ws)
         self._stealing = {ts: thief for ts, thief in self._stealing.items()
@@ -548,6 +558,7 @@ class Center:
                 if ts.suspicious >= self.allowed_failures:
                     exc = KilledWorker(ts.key, ws.address, ts.suspicious)
                     self._set_erred(ts, wire.serialize(exc), str(exc) + "\n")
+                    self.history.event("task-erred", str(exc))
                     continue
             restart.append(ts)
         ws.processing.clear()
@@ -563,7 +574,10 @@ class Center:
     # ------------------------------------------------------------------ worker messages
 
     def _on_task_finished(self, ws: WorkerState, key: Any, nbytes: int = 0,
-                          duration: float = 0.0, value: Serialized | None = None) -> None:
+                          duration: float = 0.0, value: Serialized | None = None,
+                          run: tuple | None = None) -> None:
+        if run is not None:
+            self.history.ran(key, ws.address, run)
         ws.observe(duration)
         ws.last_progress = time.monotonic()
         ts = self.tasks.get(key)
@@ -614,7 +628,11 @@ class Center:
             ws.nbytes += ts.nbytes
 
     def _on_task_erred(self, ws: WorkerState, key: Any, exception: Serialized,
-                       traceback: str) -> None:
+                       traceback: str, run: tuple | None = None) -> None:
+        if run is not None:
+            self.history.ran(key, ws.address, run, erred=True)
+            self.history.event("task-erred", f"task {key_name(key)} erred on {ws.address}: "
+                                             f"{_last_line(traceback)}")
         ts = self.tasks.get(key)
         if ts is None or ts.state not in (PROCESSING, QUEUED, WAITING, NO_WORKER):
             return
@@ -1217,6 +1235,11 @@ class Center:
             states[ts.state] = states.get(ts.state, 0) + 1
         return {"tasks": states, "ntasks": len(self.tasks), "workers": len(self.workers),
                 "clients": len(self.clients), "queued": len(self.queued)}
+
+
+def _last_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[-1][:300] if lines else "no traceback"
 
 
 def _advertised_host(bound: str) -> str:
