@@ -478,7 +478,7 @@ class Center:
         logger.info("worker %s registered (%d threads, %d keys held)", address, ws.nthreads,
                     len(data))
         self.history.event("worker-added", f"worker {address} ({name}) joined with "
-                                           f"{ws.nthreads} threads")
+                                           f"{ws.nthreads} thread{'s' if ws.nthreads != 1 else ''}")
         if data:
             self._on_add_keys(ws, data, from_registration=True)
         for ts in list(self.no_worker):
@@ -1261,7 +1261,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcenter", description="Start a minidist center.")
     parser.add_argument("--port", type=int, default=wire.DEFAULT_PORT)
     parser.add_argument("--dashboard-port", type=int, default=None,
-                        help="serve a JSON status page on this port")
+                        help="serve the dashboard (page, JSON, /metrics) on this port (0: any)")
+    parser.add_argument("--dashboard-host", default=None,
+                        help="interface for the dashboard (default: --host if given, "
+                        "else 127.0.0.1; it has no authentication)")
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0,
                         help="seconds without news before a worker is declared dead")
     parser.add_argument("--allowed-failures", type=int, default=3,
@@ -1273,6 +1276,8 @@ def main(argv: list[str] | None = None) -> int:
     security, host = start_process(args)
     center = Center(security=security, heartbeat_timeout=args.heartbeat_timeout,
                     allowed_failures=args.allowed_failures)
+    if args.dashboard_port is not None:
+        from .dashboard import serve_dashboard  # imports http.server (and ssl) before serving
     try:
         sock = None if args.listen_fd is None else socket.socket(fileno=args.listen_fd)
         address = center.start(host, args.port, sock)
@@ -1280,20 +1285,23 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{host}:{args.port}" if args.listen_fd is None else f"socket {args.listen_fd}"
         print(f"cannot start center on {where}: {e}", file=sys.stderr)
         return 1
+    ready = [f"Start center at {address}"]
     if args.dashboard_port is not None:
-        from .dashboard import serve_dashboard
+        dashboard_host = args.dashboard_host or args.host or "127.0.0.1"
         try:
-            url = serve_dashboard(center, host, args.dashboard_port)
+            url = serve_dashboard(center, dashboard_host, args.dashboard_port)
         except OSError as e:
-            print(f"cannot serve the dashboard on port {args.dashboard_port}: {e}",
+            print(f"cannot serve the dashboard on {dashboard_host}:{args.dashboard_port}: {e}",
                   file=sys.stderr)
             center.stop()
             return 1
-        logger.warning("status page at %s", url)
+        ready.append(f"Dashboard at {url}")
+        if dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+            logger.warning("the dashboard on %s has no authentication: anyone who can reach "
+                           "it sees worker addresses, task keys and errors", dashboard_host)
     if security.auth_key is None:
         logger.warning("no auth key: listening on %s only", host)
-    run_until_signalled(center.stop, args.exit_on_stdin_close,
-                        [f"Start center at {address}"])
+    run_until_signalled(center.stop, args.exit_on_stdin_close, ready)
     return 0
 
 
