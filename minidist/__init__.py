@@ -17,13 +17,15 @@ _EXPORTS = {
     "AuthenticationError": "wire", "Client": "executor", "Executor": "executor",
     "Future": "executor", "KeyConflictError": "task", "KilledWorker": "task",
     "LocalCluster": "cluster", "LostKeyError": "task", "Pool": "pool", "RemoteData": "pool",
-    "RemoteException": "task", "get": "dask_get",
+    "RemoteException": "task", "get": "dask_get", "performance_report": "diagnostics",
+    "progress": "diagnostics",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .cluster import LocalCluster
     from .dask_get import get
+    from .diagnostics import performance_report, progress
     from .executor import Client, Executor, Future
     from .pool import Pool, RemoteData
     from .task import KeyConflictError, KilledWorker, LostKeyError, RemoteException
