@@ -1,4 +1,4 @@
-"""The center's dashboard: a live page, JSON and Prometheus metrics (``dcenter --dashboard-port P``).
+"""The center's dashboard: a live page, JSON and Prometheus metrics (``--dashboard-port``).
 
 The following diagram shows how a browser or a Prometheus server sees the
 center::
@@ -14,8 +14,11 @@ center::
 Every request handler reads the cached snapshot; only when it is older
 than ``REFRESH_SECONDS`` does one of them refresh it, through the center's
 query path, so the scheduler thread runs one short read however many pages
-poll.  Task-stream runs are kept here in a ring of ``PAGE_RUNS`` numbered
-records; the page asks for those after the last number it has.
+poll.  A refresh that cost more CPU than ``MAX_SHARE`` of that interval
+stretches the interval, so watching never costs the center more.  Every run counts in the totals per prefix; the newest
+``STREAM_SAMPLE`` runs of each refresh are kept here, in a ring of
+``PAGE_RUNS`` numbered records, for the task stream: the page asks for
+those after the last number it has.
 
 The server is read-only: GET only, nothing it serves runs code, requests
 are bounded (the stdlib's 64 KiB request line and 100 headers, a socket
@@ -47,10 +50,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("minidist.dashboard")
 
-REFRESH_SECONDS = 0.5
+REFRESH_SECONDS = 1.0
 """The snapshot is read from the center at most this often, however many clients poll."""
 PAGE_RUNS = 5000
 """Task runs the page's task stream shows (and that one poll may return)."""
+MAX_SHARE = 0.025
+"""A refresh waits at least its own CPU cost divided by this, so watching a large cluster
+takes at most this share of the center's CPU; the page then updates less often."""
+STREAM_SAMPLE = 2000
+"""Runs of one refresh that join the task stream (the newest): past 2,000 tasks/s the page
+shows a sample, which keeps watching cheap.  Totals count every run."""
 PAGE_EVENTS = 100
 MAX_CONNECTIONS = 16
 REQUEST_TIMEOUT = 10.0
@@ -92,19 +101,53 @@ def key_split(key: Any) -> str:
         return "other"
 
 
-def _read_center(center: Center, mark: int, event_mark: int, prefixes: dict) -> dict:
+class _Prefixes:
+    """``key_split`` memoised by what precedes a key's token, so a new key rarely costs a split.
+
+    ``inc-<token>`` and ``('x-<token>', 0, 1)`` look up ``inc`` and ``x``: when
+    a key's last word is a token (not alphabetic, or 8 hex digits), the words
+    before it decide its prefix.  Other keys are looked up whole.
+    """
+
+    MAX = 100_000
+
+    def __init__(self) -> None:
+        self.memo: dict = {}
+
+    def __call__(self, key: Any) -> str:
+        name = key[0] if type(key) is tuple and key else key
+        head = name
+        if type(name) is str:
+            before, dash, last = name.rpartition("-")
+            if dash and before and not (last.isalpha() and not
+                                        (len(last) == 8 and _HEX8.match(last))):
+                head = before
+        try:
+            prefix = self.memo.get(head)
+        except TypeError:  # an unhashable part: no memo
+            return key_split(key)
+        if prefix is None:
+            if len(self.memo) >= self.MAX:
+                self.memo.clear()
+            prefix = self.memo[head] = key_split(head if head is not name else key)
+        return prefix
+
+
+def _read_center(center: Center, mark: int, event_mark: int, prefixes: dict,
+                 split: _Prefixes) -> dict:
     """Runs on the scheduler thread: everything the snapshot needs from the center's tables.
 
-    ``prefixes`` (key -> prefix) is this monitor's memo, so each key is
-    split once in its life; it is only used under the monitor's lock.
+    ``prefixes`` (key -> prefix of the keys the center knows) is this
+    monitor's memo, used only under the monitor's lock, like ``split``.
     """
+    cpu = time.thread_time()
     counts: dict[tuple[str, str], int] = {}
     get = prefixes.get
     tasks = center.tasks
     for key, ts in tasks.items():
         prefix = get(key)
         if prefix is None:
-            prefix = prefixes[key] = key_split(key)
+            prefix = prefixes[key] = split(key)
         pair = (prefix, ts.state)
         counts[pair] = counts.get(pair, 0) + 1
     if len(prefixes) > 2 * len(tasks) + 10_000:
@@ -112,12 +155,12 @@ def _read_center(center: Center, mark: int, event_mark: int, prefixes: dict) -> 
         prefixes.clear()
         prefixes.update(kept)
     history = center.history
-    runs = history.runs_since(mark, limit=PAGE_RUNS)
+    runs = history.runs_since(mark)  # all of them, for the totals per prefix
     event_mark, events = history.events_since(event_mark)
     return {"counts": counts, "workers": center.worker_info(), "clients": len(center.clients),
             "runs": runs, "events": events, "event_mark": event_mark,
             "completed": history.nruns - history.nerred, "erred": history.nerred,
-            "started": history.started}
+            "started": history.started, "cpu": time.thread_time() - cpu}
 
 
 class _Monitor:
@@ -128,6 +171,7 @@ class _Monitor:
         self._read = center._query(_read_center)
         self._lock = threading.Lock()
         self._prefixes: dict = {}
+        self._split = _Prefixes()
         self._mark = 0          # center runs consumed so far
         self._event_mark = 0
         self.seq = 0            # runs kept here so far (the page's ``since``)
@@ -137,30 +181,38 @@ class _Monitor:
         self._rates: deque[tuple[float, int]] = deque([(time.monotonic(), 0)], maxlen=64)
         self.snapshot: dict | None = None
         self._refreshed = 0.0
+        self._interval = REFRESH_SECONDS
 
     def current(self) -> dict:
         """The snapshot, refreshed first if it is older than ``REFRESH_SECONDS``."""
         with self._lock:
             now = time.monotonic()
-            if self.snapshot is None or now - self._refreshed >= REFRESH_SECONDS:
+            if self.snapshot is None or now - self._refreshed >= self._interval:
+                cpu = time.thread_time()
                 self._refresh(now)
+                cost = time.thread_time() - cpu + self.snapshot.pop("_cpu")
+                self._interval = max(REFRESH_SECONDS, cost / MAX_SHARE)
             return self.snapshot
 
     def _refresh(self, now: float) -> None:
         raw = self._read(None, center=self.center, mark=self._mark,
-                         event_mark=self._event_mark, prefixes=self._prefixes)
+                         event_mark=self._event_mark, prefixes=self._prefixes,
+                         split=self._split)
         stream = raw["runs"]
         self._mark = stream["mark"]
         self._event_mark = raw["event_mark"]
-        prefixes, done = self._prefixes, self.done
-        for key, worker, (start, stop, thread), erred in stream["runs"]:
-            prefix = prefixes.get(key) or key_split(key)
-            self.runs.append([prefix, key_name(key), worker, thread, start, stop, erred])
+        get, split, done = self._prefixes.get, self._split, self.done
+        new = stream["runs"]
+        shown = len(new) - STREAM_SAMPLE  # older runs of this refresh are counted, not drawn
+        for i, (key, worker, run, erred) in enumerate(new):
+            prefix = get(key) or split(key)
+            if i >= shown:
+                self.runs.append([prefix, key_name(key), worker, run[2], run[0], run[1], erred])
+                self.seq += 1
             totals = done.get(prefix)
             if totals is None:
                 totals = done[prefix] = [0, 0]
             totals[erred] += 1
-        self.seq += len(stream["runs"])
         for t, kind, text in raw["events"]:
             self.events.append([t, kind, text])
         completed = raw["completed"]
@@ -187,7 +239,8 @@ class _Monitor:
             "completed_total": completed, "erred_total": raw["erred"],
             "tasks_per_second": rate,
             "prefixes": [[p, by_prefix.get(p, {}), *done.get(p, (0, 0))] for p in names],
-            "events": list(self.events), "dropped_runs": stream["dropped"]}
+            "events": list(self.events), "dropped_runs": stream["dropped"],
+            "_cpu": raw["cpu"]}
         self._refreshed = now
 
     def runs_since(self, since: int) -> dict:
@@ -382,10 +435,18 @@ STREAM_JS = r"""
 const STATE_COLOURS = {memory: '#2ca02c', erred: '#d62728', processing: '#1f77b4',
   queued: '#9ecae1', waiting: '#c7c7c7', 'no-worker': '#ff7f0e', released: '#e7e7e7',
   lost: '#8c564b'};
+const PREFIX_COLOURS = new Map();
+// Each new prefix gets the next hue a golden angle away, so neighbours differ;
+// reds are left to errors.
 function prefixColour(prefix) {
-  let h = 0;
-  for (let i = 0; i < prefix.length; i++) h = (h * 31 + prefix.charCodeAt(i)) >>> 0;
-  return 'hsl(' + (h % 360) + ',60%,52%)';
+  let c = PREFIX_COLOURS.get(prefix);
+  if (c === undefined) {
+    let hue = (PREFIX_COLOURS.size * 137.508 + 200) % 360;
+    if (hue < 25 || hue > 335) hue = (hue + 50) % 360;
+    c = 'hsl(' + Math.round(hue) + ',60%,50%)';
+    PREFIX_COLOURS.set(prefix, c);
+  }
+  return c;
 }
 function el(tag, text, cls) {
   const e = document.createElement(tag);

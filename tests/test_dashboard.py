@@ -203,7 +203,8 @@ def test_dashboard_port_in_use_is_a_clear_error(spawn):
     (("x-2b5d0c1f9e8a7b6c5d4e3f2a1b0c9d8e", 0, 1), "x"), ("read-csv-ab12cd34", "read-csv"),
     ("sum-aggregate-2b5d0c1f", "sum-aggregate"), ("('x-1', 0)", "x"),
     ("79963f7e8a3c4e9bb8c7f9a0c6a2b1d4", "data"), (b"inc-1", "inc"), (42, "42"),
-    ("<lambda>-1234", "lambda"),
+    ("<lambda>-1234", "lambda"), ("f-1b4e28ba-2fa1-11d2-883f-0016d3cca427", "f"),
+    ("read-abcdefgh", "read-abcdefgh"), ("read-abc12345", "read"),
 ])
 def test_key_split(key, prefix):
     assert key_split(key) == prefix
