@@ -38,7 +38,6 @@ import threading
 import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -175,13 +174,16 @@ class _Monitor:
         self._mark = 0          # center runs consumed so far
         self._event_mark = 0
         self.seq = 0            # runs kept here so far (the page's ``since``)
-        self.runs: deque[list] = deque(maxlen=PAGE_RUNS)
+        # Drawn runs as JSON text, one chunk per refresh: (number of its first run, runs, text).
+        self.chunks: deque[tuple[int, int, str]] = deque()
+        self._kept = 0
         self.events: deque[list] = deque(maxlen=PAGE_EVENTS)
         self.done: dict[str, list[int]] = {}  # prefix -> [completed, erred] seen in runs
         self._rates: deque[tuple[float, int]] = deque([(time.monotonic(), 0)], maxlen=64)
         self.snapshot: dict | None = None
         self._refreshed = 0.0
         self._interval = REFRESH_SECONDS
+        self.snapshot_json: str | None = None
 
     def current(self) -> dict:
         """The snapshot, refreshed first if it is older than ``REFRESH_SECONDS``."""
@@ -204,15 +206,22 @@ class _Monitor:
         get, split, done = self._prefixes.get, self._split, self.done
         new = stream["runs"]
         shown = len(new) - STREAM_SAMPLE  # older runs of this refresh are counted, not drawn
+        drawn = []
         for i, (key, worker, run, erred) in enumerate(new):
             prefix = get(key) or split(key)
             if i >= shown:
-                self.runs.append([prefix, key_name(key), worker, run[2], run[0], run[1], erred])
-                self.seq += 1
+                drawn.append([prefix, key_name(key), worker, run[2], run[0], run[1], erred])
             totals = done.get(prefix)
             if totals is None:
                 totals = done[prefix] = [0, 0]
             totals[erred] += 1
+        if drawn:  # encoded once here, so a poll only joins text
+            text = json.dumps(drawn, separators=(",", ":"), default=str)[1:-1]
+            self.chunks.append((self.seq, len(drawn), text))
+            self.seq += len(drawn)
+            self._kept += len(drawn)
+            while self._kept - self.chunks[0][1] >= PAGE_RUNS:
+                self._kept -= self.chunks.popleft()[1]
         for t, kind, text in raw["events"]:
             self.events.append([t, kind, text])
         completed = raw["completed"]
@@ -242,18 +251,31 @@ class _Monitor:
             "events": list(self.events), "dropped_runs": stream["dropped"],
             "_cpu": raw["cpu"]}
         self._refreshed = now
+        self.snapshot_json = None
 
-    def runs_since(self, since: int) -> dict:
-        """The kept runs numbered ``since`` or later, and the number of the next one."""
+    def _stream_json(self, since: int) -> str:
+        """Drawn runs from ``since`` on as JSON, in whole refreshes: ``PAGE_RUNS`` at most."""
+        parts: list[str] = []
+        count = 0
+        for first, n, text in reversed(self.chunks):
+            if first + n <= since or (count and count + n > PAGE_RUNS):
+                break
+            parts.append(text)
+            count += n
+        parts.reverse()
+        return f'{{"mark":{self.seq},"runs":[{",".join(parts)}]}}'
+    def data_json(self, since: int) -> str:
+        """What ``/data.json`` answers: the snapshot and the runs after ``since``, as JSON."""
+        self.current()
         with self._lock:
-            wanted = max(0, min(self.seq - since, len(self.runs)))
-            runs = list(islice(reversed(self.runs), wanted))[::-1]
-            return {"mark": self.seq, "runs": runs}
+            if self.snapshot_json is None:
+                self.snapshot_json = json.dumps(self.snapshot, separators=(",", ":"),
+                                                default=str)
+            return f'{self.snapshot_json[:-1]},"stream":{self._stream_json(since)}}}'
 
     def data(self, since: int) -> dict:
-        """What ``/data.json`` answers: the snapshot and the runs after ``since``."""
-        snapshot = self.current()
-        return {**snapshot, "stream": self.runs_since(since)}
+        """``data_json`` as a dict."""
+        return json.loads(self.data_json(since))
 
 
 # ---------------------------------------------------------------------- Prometheus
@@ -380,7 +402,7 @@ def _make_handler(center: Center, monitor: _Monitor) -> type:
 
         def data_json(self, query: dict) -> tuple[int, str, bytes]:
             since = int(query.get("since", ["0"])[0])
-            body = json.dumps(monitor.data(since), separators=(",", ":"), default=str)
+            body = monitor.data_json(since)
             return 200, "application/json", body.encode()
 
         def metrics(self, query: dict) -> tuple[int, str, bytes]:
