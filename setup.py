@@ -12,7 +12,8 @@ setup(
     install_requires=["cloudpickle"],
     extras_require={
         "dask": ["dask[array,bag,dataframe]"],
-        "test": ["pytest", "pytest-timeout", "numpy", "pandas", "dask[array,bag,dataframe]"],
+        "test": ["pytest", "pytest-timeout", "numpy", "pandas", "dask[array,bag,dataframe]",
+                 "prometheus_client"],
         "bench": ["numpy", "dask[array,bag,dataframe]", "distributed"],
     },
     entry_points={"console_scripts": [

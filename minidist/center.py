@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterable
 
 from . import wire
 from .cli import add_common_args, run_until_signalled, start_process
+from .history import History
 from .scheduler import Outgoing, Scheduler
 from .wire import NO_REPLY, BatchedSender, Connection, Security
 
@@ -84,9 +85,10 @@ class Center:
                  no_workers_timeout: float | None = None) -> None:
         self.security = security or Security()
         self.heartbeat_timeout = heartbeat_timeout
+        self.history = History()  # recent task runs and events, for the dashboard and clients
         self.scheduler = Scheduler(allowed_failures=allowed_failures, prefetch=prefetch,
                                    no_workers_timeout=no_workers_timeout,
-                                   id=uuid.uuid4().hex)
+                                   id=uuid.uuid4().hex, history=self.history)
         self._outbox: set[BatchedSender] = set()  # streams with messages queued this tick
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._baton = threading.Lock()  # held by whichever thread runs scheduler code
@@ -103,6 +105,7 @@ class Center:
             "nthreads": self._query(sched.nthreads),
             "workers": self._query(self.worker_info),
             "info": self._query(self.info),
+            "task_stream": self._query(self.history.runs_since),
             "identity": lambda conn: {"type": "center", "pid": os.getpid()},
         }, security=self.security, name="center")
         self._event_handlers: dict[str, Callable[..., Outgoing | None]] = {
@@ -327,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcenter", description="Start a minidist center.")
     parser.add_argument("--port", type=int, default=wire.DEFAULT_PORT)
     parser.add_argument("--dashboard-port", type=int, default=None,
-                        help="serve a JSON status page on this port")
+                        help="serve the dashboard (page, JSON, /metrics) on this port (0: any)")
+    parser.add_argument("--dashboard-host", default=None,
+                        help="interface for the dashboard (default: --host if given, "
+                        "else 127.0.0.1; it has no authentication)")
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0,
                         help="seconds without news before a worker is declared dead")
     parser.add_argument("--allowed-failures", type=int, default=3,
@@ -346,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     center = Center(security=security, heartbeat_timeout=args.heartbeat_timeout,
                     allowed_failures=args.allowed_failures,
                     no_workers_timeout=args.no_workers_timeout)
+    if args.dashboard_port is not None:
+        from .dashboard import serve_dashboard  # imports http.server (and ssl) before serving
     try:
         sock = None if args.listen_fd is None else socket.socket(fileno=args.listen_fd)
         address = center.start(host, args.port, sock, contact_address=args.contact_address)
@@ -353,20 +361,23 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{host}:{args.port}" if args.listen_fd is None else f"socket {args.listen_fd}"
         print(f"cannot start center on {where}: {e}", file=sys.stderr)
         return 1
+    ready = [f"Start center at {address}"]
     if args.dashboard_port is not None:
-        from .dashboard import serve_dashboard
+        dashboard_host = args.dashboard_host or args.host or "127.0.0.1"
         try:
-            url = serve_dashboard(center, host, args.dashboard_port)
+            url = serve_dashboard(center, dashboard_host, args.dashboard_port)
         except OSError as e:
-            print(f"cannot serve the dashboard on port {args.dashboard_port}: {e}",
+            print(f"cannot serve the dashboard on {dashboard_host}:{args.dashboard_port}: {e}",
                   file=sys.stderr)
             center.stop()
             return 1
-        logger.warning("status page at %s", url)
+        ready.append(f"Dashboard at {url}")
+        if dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+            logger.warning("the dashboard on %s has no authentication: anyone who can reach "
+                           "it sees worker addresses, task keys and errors", dashboard_host)
     if security.auth_key is None:
         logger.warning("no auth key: listening on %s only", host)
-    run_until_signalled(center.stop, args.exit_on_stdin_close,
-                        [f"Start center at {address}"])
+    run_until_signalled(center.stop, args.exit_on_stdin_close, ready)
     return 0
 
 

@@ -43,13 +43,16 @@ import uuid
 import weakref
 from concurrent.futures import CancelledError
 from concurrent.futures._base import FINISHED, PENDING, RUNNING
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from . import wire
 from .default_scheduler import register_default_scheduler, unregister_default_scheduler
 from .task import (HasKey, InitializerError, InitSpec, KeyConflictError, LostKeyError, RunSpec,
                    collect, pack, unpack_exception)
 from .wire import BatchedSender, ConnectionPool, Security
+
+if TYPE_CHECKING:
+    from .diagnostics import TaskStream
 
 logger = logging.getLogger("minidist.executor")
 
@@ -705,6 +708,15 @@ class Executor(concurrent.futures.Executor):
         return self._center("nthreads")
 
     ncores = nthreads
+
+    def get_task_stream(self) -> TaskStream:
+        """Collect every task run on the cluster inside a ``with`` block.
+
+        ``with e.get_task_stream() as ts: ...`` then ``ts.data`` is a list of
+        dicts (``key``, ``worker``, ``thread``, ``start``, ``stop``, ``status``).
+        """
+        from .diagnostics import TaskStream
+        return TaskStream(self)
 
     def _center(self, op: str, **kwargs: Any) -> Any:
         return self._pool.call(self.address, op, **kwargs)

@@ -428,14 +428,16 @@ def frame_views(frames: list) -> list[memoryview]:
 
 
 def _is_tls(sock: socket.socket) -> bool:
-    ssl = sys.modules.get("ssl")
-    return ssl is not None and isinstance(sock, ssl.SSLSocket)
+    # ``ssl`` may be half imported by another thread (http.server, say): then no
+    # TLS socket exists yet, and its attributes may not either.
+    tls_socket = getattr(sys.modules.get("ssl"), "SSLSocket", None)
+    return tls_socket is not None and isinstance(sock, tls_socket)
 
 
 def _tls_errors() -> tuple[type[BaseException], ...]:
     """What an ``except`` clause catches for TLS failures (nothing before ``ssl`` is loaded)."""
-    ssl = sys.modules.get("ssl")
-    return (ssl.SSLError,) if ssl is not None else ()
+    error = getattr(sys.modules.get("ssl"), "SSLError", None)
+    return (error,) if error is not None else ()
 
 
 def write_views(sock: socket.socket, views: list, blocking: bool = True) -> list:

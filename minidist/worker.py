@@ -28,7 +28,9 @@ Life of one task, ``compute(key, spec, who_has)`` from the center:
    calls the function.  The result stays in ``data``; the center hears
    ``task_finished`` with its size (and, for a small builtin or numpy
    result, its pickle, which the center passes on to waiting clients),
-   or ``task_erred`` with the pickled exception and the traceback text.
+   or ``task_erred`` with the pickled exception and the traceback text;
+   either carries ``run``, the run's ``(start, stop, thread)`` (wall-clock
+   seconds and the task thread's number), for the center's task stream.
 4. Clients and peers fetch the value with ``get_data`` when they need it;
    the center sends ``delete_data`` when nobody needs it any more.
 
@@ -153,7 +155,8 @@ class Worker:
         self._bind_host = host
         self.server.listen(host, port)
         for i in range(self.nthreads):
-            threading.Thread(target=self._task_loop, name=f"task-{i}", daemon=True).start()
+            threading.Thread(target=self._task_loop, args=(i,), name=f"task-{i}",
+                             daemon=True).start()
         threading.Thread(target=self._center_loop, name="center-stream", daemon=True).start()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         deadline = time.monotonic() + timeout
@@ -427,29 +430,32 @@ class Worker:
 
     # ------------------------------------------------------------------ running tasks
 
-    def _task_loop(self) -> None:
+    def _task_loop(self, thread: int) -> None:
         while True:
             item = self._ready.get()
             if item is None:
                 return
             if self._take_waiting(item):
-                self._execute(item)
+                self._execute(item, thread)
 
-    def _execute(self, item: _TaskItem) -> None:
+    def _execute(self, item: _TaskItem, thread: int = 0) -> None:
+        """Run one task on task thread number ``thread``; report it with its run times."""
         key = item.key
-        start = time.perf_counter()
+        start = time.time()
         try:
             result = run(item.spec, self.data)
         except BaseException as e:  # a task must never take a worker thread down
             blob, tb = pack_exception(e)
-            self._send({"op": "task_erred", "key": key, "exception": blob, "traceback": tb})
+            self._send({"op": "task_erred", "key": key, "exception": blob, "traceback": tb,
+                        "run": (start, time.time(), thread)})
             return
         finally:
             self.executed += 1
+        stop = time.time()
         self.data[key] = result
         nbytes = self.nbytes[key] = sizeof(result)
-        msg = {"op": "task_finished", "key": key, "nbytes": nbytes,
-               "duration": time.perf_counter() - start}
+        msg = {"op": "task_finished", "key": key, "nbytes": nbytes, "duration": stop - start,
+               "run": (start, stop, thread)}
         value = _small_value(result, nbytes)
         if value is not None:
             msg["value"] = value
