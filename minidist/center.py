@@ -158,7 +158,7 @@ class WorkerState:
     """A registered worker: its stream, capacity and what it holds and runs."""
 
     __slots__ = ("address", "name", "nthreads", "conn", "sender", "processing", "pending",
-                 "has_what", "nbytes", "last_seen", "pid", "capacity", "min_prefetch",
+                 "has_what", "nbytes", "pid", "capacity", "min_prefetch",
                  "duration", "last_progress")
 
     def __init__(self, address: str, name: str, nthreads: int, conn: Connection,
@@ -176,8 +176,18 @@ class WorkerState:
         self.pending: deque[TaskState] = deque()     # ready, prefer this worker, no slot yet
         self.has_what: set[TaskState] = set()
         self.nbytes = 0
-        self.last_seen = time.monotonic()
         self.pid = pid
+
+    @property
+    def last_seen(self) -> float:
+        """Since when (monotonic) this worker's stream has been silent.
+
+        Measured by the handler thread reading the stream, not by when the
+        scheduler gets to what it read: a scheduler busy for seconds with a
+        large graph must not count that time against workers whose
+        heartbeats wait in its queue.
+        """
+        return self.conn.quiet_since()
 
     def has_slot(self) -> bool:
         return len(self.processing) < self.capacity
@@ -479,7 +489,6 @@ class Center:
         ws = self.workers.get(address)
         if ws is None or ws.conn is not conn:
             return  # a stale stream from a worker already removed: it must re-register
-        ws.last_seen = time.monotonic()
         ops = self._worker_ops
         for msg in batch:
             try:

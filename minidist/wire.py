@@ -566,7 +566,12 @@ def answer_challenge(sock: socket.socket, key: bytes | None, peer: str) -> None:
 
 
 class Connection:
-    """A blocking, authenticated message connection.  ``send`` is thread-safe."""
+    """A blocking, authenticated message connection.  ``send`` is thread-safe.
+
+    ``quiet_since()`` tells how long a thread has been waiting in ``recv``
+    with no message arriving: the peer's silence as the network shows it,
+    however busy the reading process is with what it already read.
+    """
 
     def __init__(self, sock: socket.socket, peer: str,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
@@ -576,6 +581,7 @@ class Connection:
         self._rfile = sock.makefile("rb", buffering=1 << 16)
         self._send_lock = threading.Lock()
         self.closed = False
+        self._waiting_since: float | None = None  # a thread waits in recv() since then
 
     def send(self, obj: Any) -> None:
         """Send one message; raises ConnectionError when the peer is gone."""
@@ -606,6 +612,7 @@ class Connection:
 
     def recv(self) -> Any:
         """Receive one message; raises ConnectionError on EOF, ProtocolError on garbage."""
+        self._waiting_since = time.monotonic()
         try:
             frames = read_frames(self._rfile, self.max_frame_bytes)
         except (OSError, ValueError) as e:
@@ -616,11 +623,23 @@ class Connection:
         except struct.error as e:
             self.close()
             raise ProtocolError(f"truncated header from {self.peer}") from e
+        finally:
+            self._waiting_since = None
         try:
             return loads(frames)
         except Exception as e:
             self.close()
             raise ProtocolError(f"undecodable message from {self.peer}: {e!r}") from e
+
+    def quiet_since(self) -> float:
+        """Since when (monotonic) a reader has waited in ``recv`` with nothing arriving.
+
+        Now when no thread is waiting (the reader is busy with the last
+        message, or nobody reads): only time spent waiting for bytes that
+        do not come counts as the peer's silence.
+        """
+        since = self._waiting_since
+        return time.monotonic() if since is None else since
 
     def request(self, msg: Any) -> Any:
         """Send ``msg`` and return the reply (no other thread may read this connection)."""
