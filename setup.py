@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["minidist", "minidist.*"]),
     python_requires=">=3.10",
-    install_requires=["cloudpickle"],
+    install_requires=["cloudpickle>=2.2"],
     extras_require={
         "dask": ["dask[array,bag,dataframe]"],
         "test": ["pytest", "pytest-timeout", "numpy", "pandas", "dask[array,bag,dataframe]"],

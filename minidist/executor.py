@@ -47,7 +47,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import wire
 from .default_scheduler import register_default_scheduler, unregister_default_scheduler
-from .task import HasKey, LostKeyError, RunSpec, collect, pack, unpack_exception
+from .task import (HasKey, LostKeyError, RunSpec, collect, fill_source_lines, pack,
+                   unpack_exception)
 from .wire import BatchedSender, ConnectionPool, Security
 
 logger = logging.getLogger("minidist.executor")
@@ -736,6 +737,7 @@ class Executor(concurrent.futures.Executor):
             future._finish()
 
     def _on_erred(self, key: Any, exception: wire.Serialized, traceback: str) -> None:
+        traceback = fill_source_lines(traceback)
         exc = unpack_exception(exception, traceback)
         self._set_failed(key, "error", exc, traceback)
 

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
+import linecache
 import logging
 import mmap
 import os
@@ -50,8 +52,9 @@ import struct
 import sys
 import threading
 import time
+import types
 import weakref
-from collections import defaultdict
+from collections import ChainMap, defaultdict
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 if TYPE_CHECKING:
@@ -229,6 +232,84 @@ def _oob(buffers: list) -> Callable[[pickle.PickleBuffer], bool]:
     return callback
 
 
+# ---------------------------------------------------------------------------
+# Code shipped by value keeps its file name
+
+_CODE_MARK = "<minidist-code>"
+"""Stands in for a code object's file name inside cloudpickle's own reduction of it."""
+
+SHIPPED_SOURCE_FILES = 64
+"""Source files remembered by ``shipped_source`` (the oldest is dropped first)."""
+_shipped_sources: dict[str, list[str]] = {}
+
+
+def _code_with_filename(code: types.CodeType, filename: str) -> types.CodeType:
+    return code.replace(co_filename=filename)
+
+
+def _remember_source(filename: str) -> None:
+    if filename in _shipped_sources:
+        return
+    lines = linecache.getlines(filename)
+    if lines:
+        if len(_shipped_sources) >= SHIPPED_SOURCE_FILES:
+            _shipped_sources.pop(next(iter(_shipped_sources)))
+        _shipped_sources[filename] = lines
+
+
+def shipped_source(filename: str) -> list[str]:
+    """The lines of a source file whose code this process shipped by value, as they were then.
+
+    Empty when none was shipped from ``filename`` (or it could not be read).
+    """
+    return _shipped_sources.get(filename, [])
+
+
+_pickler_class: type | None = None
+
+
+def _cloudpickler() -> type:
+    """cloudpickle's Pickler, but code objects keep their real ``co_filename``.
+
+    cloudpickle 3.1 and later replace it with ``"<dynamic-code>"`` (so that
+    the bytes do not depend on where a function was defined); a traceback on
+    the worker then has no file to read its source lines from, and neither
+    has the client.  Here the file name travels beside cloudpickle's own
+    reduction of the code (made with a fixed placeholder name, so the bytes
+    are as deterministic as cloudpickle makes them), and the code is renamed
+    back when unpickled.  The source lines are remembered when the code is
+    pickled, for the client to fill in a remote traceback (see
+    ``shipped_source``).
+    """
+    global _pickler_class
+    if _pickler_class is None:
+        import cloudpickle
+        base_table = cloudpickle.Pickler.dispatch_table
+        reduce_code_by_value = base_table[types.CodeType]
+
+        def reduce_code(code: types.CodeType) -> Any:
+            filename = code.co_filename
+            if filename == _CODE_MARK:
+                return reduce_code_by_value(code)
+            _remember_source(filename)
+            # A fresh copy of the name: pickle's memo never makes the bytes depend on
+            # which code objects happened to share one string object.
+            return _code_with_filename, (code.replace(co_filename=_CODE_MARK), "".join(filename))
+
+        class Pickler(cloudpickle.Pickler):
+            dispatch_table = ChainMap({types.CodeType: reduce_code}, base_table)
+
+        _pickler_class = Pickler
+    return _pickler_class
+
+
+def _cloudpickle_dumps(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool]) -> bytes:
+    """``cloudpickle.dumps`` with protocol 5, keeping code objects' file names."""
+    f = io.BytesIO()
+    _cloudpickler()(f, protocol=5, buffer_callback=buffer_callback).dump(obj)
+    return f.getvalue()
+
+
 def dumps(obj: Any) -> list:
     """Pickle ``obj`` into frames: the pickle, then its out-of-band buffers.
 
@@ -239,9 +320,8 @@ def dumps(obj: Any) -> list:
     try:
         head = pickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
     except Exception:
-        import cloudpickle
         buffers = []
-        head = cloudpickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
+        head = _cloudpickle_dumps(obj, _oob(buffers))
     return [head, *buffers]
 
 
@@ -339,10 +419,9 @@ def serialize(obj: Any) -> Serialized:
         if _needs_by_value(header):
             raise pickle.PicklingError("refers to code that must travel by value")
     except Exception:
-        import cloudpickle
         buffers = []
         try:
-            header = cloudpickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
+            header = _cloudpickle_dumps(obj, _oob(buffers))
         except Exception as e:
             raise TypeError(f"cannot serialize {type(obj).__qualname__!s} object: {e}") from e
     return Serialized(header, [b.raw() for b in buffers])
