@@ -710,6 +710,22 @@ class Connection:
             self.close()
             raise ProtocolError(f"undecodable message from {self.peer}: {e!r}") from e
 
+    def write(self, msg: Any) -> None:
+        """Send one message (the seeds' name for ``send``)."""
+        self.send(msg)
+
+    def read(self) -> Any:
+        """Receive one message; an error reply from a server's handler raises RemoteError.
+
+        The seeds' name for ``recv``, for a connection to a ``Server``: an
+        operation that failed or that the server does not have is an error
+        here, and the connection stays usable.
+        """
+        msg = self.recv()
+        if isinstance(msg, _ErrorReply):
+            raise RemoteError(msg.text)
+        return msg
+
     def quiet_since(self) -> float:
         """Since when (monotonic) a reader has waited in ``recv`` with nothing arriving.
 
@@ -868,16 +884,39 @@ class ConnectionPool:
 
 
 class rpc:
-    """``rpc(addr).get_data(keys=[...])`` sends ``{"op": "get_data", ...}`` and returns the reply."""
+    """``rpc(addr).get_data(keys=[...])`` sends ``{"op": "get_data", ...}`` and returns the reply.
 
-    def __init__(self, address: str, pool: ConnectionPool | None = None) -> None:
+    Calls from many threads at once each get a connection of their own from
+    the pool (idle ones are reused).  A handler that raises, or an operation
+    the server does not have, raises ``RemoteError`` in the caller and
+    leaves the connection usable.  ``with rpc(addr) as r:`` closes the
+    connections it opened (only ``close`` cannot be called as an operation).
+    """
+
+    def __init__(self, address: str | tuple[str, int], pool: ConnectionPool | None = None, *,
+                 security: Security | None = None, timeout: float = 10.0) -> None:
         self.address = format_address(*parse_address(address))
-        self.pool = pool or ConnectionPool()
+        self._own_pool = pool is None
+        self.pool = pool or ConnectionPool(security, timeout=timeout)
 
     def __getattr__(self, op: str) -> Callable[..., Any]:
         if op.startswith("_"):
             raise AttributeError(op)
         return lambda **kwargs: self.pool.call(self.address, op, **kwargs)
+
+    def close(self) -> None:
+        """Close the idle connections of a pool this rpc made itself (a shared one stays)."""
+        if self._own_pool:
+            self.pool.close()
+
+    def __enter__(self) -> rpc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<rpc to {self.address}>"
 
 
 # ---------------------------------------------------------------------------
@@ -1065,9 +1104,13 @@ class Server:
 
     Each connection gets a thread; each message ``{"op": name, **kwargs}``
     calls ``handlers[name](conn, **kwargs)`` and sends back its return value.
-    A handler that returns ``NO_REPLY`` has answered itself or has taken the
-    connection over as a stream.  Bad bytes, failed handshakes and unknown
-    ops close that one connection with a log line; the server keeps serving.
+    A handler may also ``conn.write`` as many messages as it likes (a
+    stream); one that returns ``NO_REPLY`` has answered itself or has taken
+    the connection over.  A handler that raises, or an op the table does not
+    have, gets an error reply (``RemoteError`` at the caller) and the
+    connection stays open.  Bad bytes, failed handshakes and messages that
+    are not operations close that one connection with a log line; the
+    server keeps serving.
     """
 
     def __init__(self, handlers: dict[str, Callable[..., Any]], *,
@@ -1082,23 +1125,54 @@ class Server:
         self._conns: set[Connection] = set()
         self._conns_lock = threading.Lock()
 
-    def listen(self, host: str = "127.0.0.1", port: int = 0,
+    def listen(self, host: str | int | None = None, port: int | None = None,
                sock: socket.socket | None = None) -> tuple[str, int]:
         """Bind and start serving in a background thread; returns the bound address.
 
+        Either ``host`` and ``port``, or, as in the seeds, one address as
+        ``host``: a port (``8888`` or ``"8888"``), ``":8888"``,
+        ``"tcp://host:8888"`` or ``"tcp://:8888"``.  Without a host it binds
+        127.0.0.1, or every interface when this server has an auth key.
+        Port 0 (the default) picks a free port; ``.port`` tells which.
         ``sock``, a socket already bound and listening, is served instead of
-        binding ``host:port``: connections it queued before are served too.
+        binding: connections it queued before are served too.
         """
-        self._tcp = _TCPServer((host, port), self, sock)
+        if port is None and sock is None:
+            host, port = self._bind_address(host)
+            warn_if_exposed(host, self.security, self.name)
+        self._tcp = _TCPServer(("127.0.0.1" if host is None else host, port or 0), self, sock)
         self._thread = threading.Thread(target=self._tcp.serve_forever,
                                         kwargs={"poll_interval": 0.05},
                                         name=f"{self.name}-accept", daemon=True)
         self._thread.start()
         return self._tcp.server_address[:2]
 
+    def _bind_address(self, address: str | int | None) -> tuple[str, int]:
+        """``(host, port)`` to bind for the address forms ``listen`` takes."""
+        default = "127.0.0.1" if self.security.auth_key is None else "0.0.0.0"
+        if address is None:
+            return "127.0.0.1", 0
+        if isinstance(address, int):
+            return default, address
+        text = str(address).strip()
+        for prefix in ("tcp://", "tls://"):
+            if text.startswith(prefix):
+                text = text[len(prefix):]
+        if text.isdigit():
+            return default, int(text)
+        host, sep, port = text.rpartition(":")
+        if not sep or (host.count(":") and not host.startswith("[")):
+            return text, 0  # a host alone (IPv6 included): any free port
+        try:
+            return host.strip("[]") or default, int(port)
+        except ValueError:
+            raise ValueError(f"not an address to listen on: {address!r} (expected a port, "
+                             "':port', 'tcp://host:port' or 'tcp://:port')") from None
+
     @property
     def port(self) -> int:
-        assert self._tcp is not None
+        """The port this server is bound to (the one picked, after ``listen(0)``)."""
+        assert self._tcp is not None, "listen() first"
         return self._tcp.server_address[1]
 
     def _serve_connection(self, sock: socket.socket, client_address: Any) -> None:
@@ -1134,20 +1208,24 @@ class Server:
                 return
             except ConnectionError:
                 return
-            try:
-                op = msg.pop("op")
-                handler = self.handlers[op]
-            except (AttributeError, KeyError, TypeError):
+            op = msg.pop("op", None) if type(msg) is dict else None
+            if type(op) is not str:
                 logger.warning("%s: dropped connection from %s: not an operation: %.200r",
                                self.name, conn.peer, msg)
                 return
-            try:
-                reply = handler(conn, **msg)
-            except ConnectionError:
-                return
-            except Exception as e:
-                logger.exception("%s: operation %r from %s failed", self.name, op, conn.peer)
-                reply = _ErrorReply(f"{type(e).__name__}: {e}")
+            handler = self.handlers.get(op)
+            if handler is None:
+                logger.warning("%s: unknown operation %.100r from %s", self.name, op, conn.peer)
+                reply = _ErrorReply(f"unknown operation {op!r}: {self.name} has "
+                                    f"{', '.join(sorted(self.handlers))}")
+            else:
+                try:
+                    reply = handler(conn, **msg)
+                except ConnectionError:
+                    return
+                except Exception as e:
+                    logger.exception("%s: operation %r from %s failed", self.name, op, conn.peer)
+                    reply = _ErrorReply(f"{type(e).__name__}: {e}")
             if reply is NO_REPLY:
                 if conn.closed:
                     return

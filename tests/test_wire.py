@@ -312,13 +312,29 @@ def test_server_dispatches_ops(server):
         conn.close()
 
 
+def test_unknown_op_is_an_error_reply_and_the_connection_stays(server):
+    conn = wire.connect(server.test_address)
+    try:
+        with pytest.raises(RemoteError, match="unknown operation 'no-such-op': test-server has "
+                                              "add, echo, fail, peer, stream"):
+            conn.request({"op": "no-such-op", "x": 1})
+        assert conn.request({"op": "echo", "x": 1}) == 1
+        conn.write({"op": "no-such-op"})
+        with pytest.raises(RemoteError, match="no-such-op"):
+            conn.read()
+        conn.write({"op": "echo", "x": 2})
+        assert conn.read() == 2
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("bad", [
-    {"op": "no-such-op"},
     {"no": "op"},
+    {"op": ["not", "a", "name"]},
     ["not", "a", "dict"],
     "a string",
 ])
-def test_unknown_op_closes_only_that_connection(server, bad):
+def test_non_operation_closes_only_that_connection(server, bad):
     good = wire.connect(server.test_address)
     victim = wire.connect(server.test_address)
     try:
