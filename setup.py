@@ -8,11 +8,21 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["minidist", "minidist.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: System :: Distributed Computing",
+    ],
     install_requires=["cloudpickle>=2.2"],
     extras_require={
         "dask": ["dask[array,bag,dataframe]"],
-        "test": ["pytest", "pytest-timeout", "numpy", "pandas", "dask[array,bag,dataframe]"],
+        "test": ["pytest", "pytest-timeout", "numpy", "pandas", "dask[array,bag,dataframe]",
+                 "prometheus_client"],
         "bench": ["numpy", "dask[array,bag,dataframe]", "distributed"],
     },
     entry_points={"console_scripts": [
