@@ -19,7 +19,9 @@ pickle.  On the wire a message is::
 
 Lengths are checked against ``max_frame_bytes`` before anything is
 allocated.  Frames are sent with ``sendmsg`` (no concatenation) and read
-into preallocated memory.
+into preallocated memory.  What plain pickle cannot carry goes through
+cloudpickle, with one change: code pickled by value keeps its file name
+(and the sender remembers the source lines), so tracebacks show source.
 
 Before any frame is read, both ends run a handshake made only of fixed-size
 fields (nothing is unpickled): the client sends ``MAGIC``, a version and a
@@ -241,6 +243,7 @@ _CODE_MARK = "<minidist-code>"
 SHIPPED_SOURCE_FILES = 64
 """Source files remembered by ``shipped_source`` (the oldest is dropped first)."""
 _shipped_sources: dict[str, list[str]] = {}
+_shipped_sources_lock = threading.Lock()
 
 
 def _code_with_filename(code: types.CodeType, filename: str) -> types.CodeType:
@@ -252,9 +255,10 @@ def _remember_source(filename: str) -> None:
         return
     lines = linecache.getlines(filename)
     if lines:
-        if len(_shipped_sources) >= SHIPPED_SOURCE_FILES:
-            _shipped_sources.pop(next(iter(_shipped_sources)))
-        _shipped_sources[filename] = lines
+        with _shipped_sources_lock:
+            if len(_shipped_sources) >= SHIPPED_SOURCE_FILES:
+                del _shipped_sources[next(iter(_shipped_sources))]
+            _shipped_sources[filename] = lines
 
 
 def shipped_source(filename: str) -> list[str]:
