@@ -159,7 +159,7 @@ class WorkerState:
 
     __slots__ = ("address", "name", "nthreads", "conn", "sender", "processing", "pending",
                  "has_what", "nbytes", "pid", "capacity", "min_prefetch",
-                 "duration", "last_progress")
+                 "duration", "last_progress", "registered_at")
 
     def __init__(self, address: str, name: str, nthreads: int, conn: Connection,
                  sender: BatchedSender, pid: int | None, prefetch: int) -> None:
@@ -177,17 +177,19 @@ class WorkerState:
         self.has_what: set[TaskState] = set()
         self.nbytes = 0
         self.pid = pid
+        self.registered_at = time.monotonic()  # when it was told it is registered
 
     @property
     def last_seen(self) -> float:
-        """Since when (monotonic) this worker's stream has been silent.
+        """Since when (monotonic) this worker has been silent though it could have spoken.
 
-        Measured by the handler thread reading the stream, not by when the
+        Measured by the handler thread reading its stream, not by when the
         scheduler gets to what it read: a scheduler busy for seconds with a
         large graph must not count that time against workers whose
-        heartbeats wait in its queue.
+        heartbeats wait in its queue.  Nor does the time before the worker
+        was told it is registered count: it sends nothing until then.
         """
-        return self.conn.quiet_since()
+        return max(self.conn.quiet_since(), self.registered_at)
 
     def has_slot(self) -> bool:
         return len(self.processing) < self.capacity
@@ -463,7 +465,9 @@ class Center:
             self._remove_worker(old, "it registered again")
         ws = WorkerState(address, name, max(1, int(nthreads)), conn, sender, pid, self.prefetch)
         self.workers[address] = ws
-        self._post(sender, {"op": "registered", "center": self.address})
+        # Written now, not at the end of this tick: its heartbeats start when it reads this.
+        sender.send({"op": "registered", "center": self.address})
+        ws.registered_at = time.monotonic()
         logger.info("worker %s registered (%d threads, %d keys held)", address, ws.nthreads,
                     len(data))
         if data:
@@ -482,7 +486,8 @@ class Center:
 
     def _check_heartbeats(self, now: float) -> None:
         for ws in list(self.workers.values()):
-            if now - ws.last_seen > self.heartbeat_timeout:
+            if now - ws.last_seen > self.heartbeat_timeout and not ws.conn.input_waiting():
+                # (Bytes waiting: it spoke while this process was too busy to read them.)
                 self._remove_worker(ws, f"no heartbeat for {now - ws.last_seen:.1f}s")
 
     def _on_worker_msgs(self, conn: Connection, address: str, batch: list) -> None:

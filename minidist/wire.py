@@ -48,6 +48,7 @@ import mmap
 import os
 import pickle
 import secrets
+import select
 import socket
 import socketserver
 import struct
@@ -740,6 +741,19 @@ class Connection:
         since = self._waiting_since
         return time.monotonic() if since is None else since
 
+    def input_waiting(self) -> bool:
+        """Are there bytes from the peer that no one has read yet?  Never blocks."""
+        if self.closed:
+            return False
+        try:
+            if _is_tls(self.sock) and self.sock.pending():
+                return True
+            poller = select.poll()  # no limit on descriptor numbers, unlike select()
+            poller.register(self.sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):  # closed meanwhile
+            return False
+
     def request(self, msg: Any) -> Any:
         """Send ``msg`` and return the reply (no other thread may read this connection)."""
         self.send(msg)
@@ -1220,7 +1234,7 @@ class Server:
             handler = self.handlers.get(op)
             if handler is None:
                 logger.warning("%s: unknown operation %.100r from %s", self.name, op, conn.peer)
-                reply = _ErrorReply(f"unknown operation {op!r}: {self.name} has "
+                reply = _ErrorReply(f"unknown operation {op[:100]!r}: {self.name} has "
                                     f"{', '.join(sorted(self.handlers))}")
             else:
                 try:
