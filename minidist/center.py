@@ -60,7 +60,9 @@ Life of one task, ``e.submit(inc, 1)``:
 5. When no client wants the key and no task waits on it, the center tells
    the workers to delete it and forgets it.
 
-Failures: a worker that disconnects or misses heartbeats is removed; tasks
+Failures: a worker that disconnects or misses heartbeats is removed (its
+silence is what the thread reading its stream waited, see
+``WorkerState.last_seen``, so a busy scheduler never counts against it); tasks
 it was running are rescheduled (after ``allowed_failures`` such deaths a
 task errs with ``KilledWorker``), keys whose only copy died are recomputed
 from their RunSpec if still needed, or marked ``lost`` when they have none.
