@@ -90,6 +90,7 @@ class Center:
                                    no_workers_timeout=no_workers_timeout,
                                    id=uuid.uuid4().hex, history=self.history)
         self._outbox: set[BatchedSender] = set()  # streams with messages queued this tick
+        self._registered_at: dict[BatchedSender, float] = {}  # worker stream -> told registered
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._baton = threading.Lock()  # held by whichever thread runs scheduler code
         self._wake_at = float("inf")    # when the idle scheduler thread next looks at the clock
@@ -111,7 +112,7 @@ class Center:
         self._event_handlers: dict[str, Callable[..., Outgoing | None]] = {
             "worker_msgs": sched.worker_msgs,
             "client_msgs": sched.client_msgs,
-            "add_worker": sched.worker_added,
+            "add_worker": self._add_worker,
             "worker_closed": lambda now, sender, address: sched.worker_removed(
                 now, address, "its connection closed", sender),
             "add_client": sched.client_added,
@@ -292,11 +293,37 @@ class Center:
         except Exception as e:
             reply.put((False, e))
 
+    def _add_worker(self, now: float, sender: BatchedSender, *args: Any) -> Outgoing | None:
+        """Register a worker and tell it so at once: its heartbeats start when it reads that."""
+        out = self.scheduler.worker_added(now, sender, *args)
+        if out:
+            self._send(out)
+        if sender in self._outbox:
+            sender.flush()
+        self._registered_at[sender] = time.monotonic()
+        return None
+
+    def _silent_since(self, ws: Any) -> float:
+        """Since when (monotonic) worker ``ws`` has been silent though it could have spoken.
+
+        Measured by the handler thread reading its stream, not by when the
+        scheduler gets to what it read: a scheduler busy for seconds with a
+        large graph must not count that time against workers whose heartbeats
+        wait in its queue.  Nor does the time before the worker was told it is
+        registered count: it sends nothing until then.
+        """
+        stream = ws.stream
+        return max(stream.conn.quiet_since(), self._registered_at.get(stream, 0.0))
+
     def _check_heartbeats(self, now: float) -> None:
+        for sender in [s for s in self._registered_at if s.conn.closed]:
+            del self._registered_at[sender]
         for ws in list(self.scheduler.workers.values()):
-            if now - ws.last_seen > self.heartbeat_timeout:
+            silent = now - self._silent_since(ws)
+            if silent > self.heartbeat_timeout and not ws.stream.conn.input_waiting():
+                # (Bytes waiting: it spoke while this process was too busy to read them.)
                 self._send(self.scheduler.worker_removed(
-                    now, ws.address, f"no heartbeat for {now - ws.last_seen:.1f}s"))
+                    now, ws.address, f"no heartbeat for {silent:.1f}s"))
 
     # ------------------------------------------------------------------ queries
 

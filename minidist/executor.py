@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from . import wire
 from .default_scheduler import register_default_scheduler, unregister_default_scheduler
 from .task import (HasKey, InitializerError, InitSpec, KeyConflictError, LostKeyError, RunSpec,
-                   collect, pack, unpack_exception)
+                   collect, fill_source_lines, pack, unpack_exception)
 from .wire import BatchedSender, ConnectionPool, Security
 
 if TYPE_CHECKING:
@@ -881,6 +881,7 @@ class Executor(concurrent.futures.Executor):
             future._finish()
 
     def _on_erred(self, key: Any, exception: wire.Serialized, traceback: str) -> None:
+        traceback = fill_source_lines(traceback)
         exc = unpack_exception(exception, traceback)
         if isinstance(exc, InitializerError) and self._init is not None:
             self._break_pool(exc)
