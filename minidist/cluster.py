@@ -95,6 +95,8 @@ class LocalCluster:
     fraction of the machine (``0.25``), ``"auto"`` (the machine's memory
     divided by ``n_workers``) or None/0 for none; ``local_directory`` is
     where workers spill (default: the temporary directory).
+    ``dashboard_port=0`` (or a port) serves the center's dashboard, whose
+    URL is then ``dashboard_link``.
     """
 
     def __init__(self, n_workers: int = 2, threads_per_worker: int = 1, *,
@@ -103,6 +105,7 @@ class LocalCluster:
                  tls_key: str | None = None, heartbeat_timeout: float | None = None,
                  allowed_failures: int | None = None, log_level: str = "warning",
                  timeout: float = 30.0, nanny: bool = True,
+                 dashboard_port: int | None = None,
                  memory_limit: int | float | str | None = "auto",
                  local_directory: str | None = None) -> None:
         if auth_key is None:
@@ -120,6 +123,8 @@ class LocalCluster:
         # Heartbeat often enough that a short timeout still spans several beats.
         self._heartbeat_interval = None if heartbeat_timeout is None else \
             min(1.0, heartbeat_timeout / 5)
+        self.dashboard_link: str | None = None
+        """The dashboard's URL when started with ``dashboard_port`` (0: any free port)."""
         self.center: Process | None = None
         self.workers: list[Child] = []
         # Called with a reason once every worker is gone for good (not by stop/close).
@@ -141,6 +146,8 @@ class LocalCluster:
             center_args += ["--heartbeat-timeout", str(heartbeat_timeout)]
         if allowed_failures is not None:
             center_args += ["--allowed-failures", str(allowed_failures)]
+        if dashboard_port is not None:
+            center_args += ["--dashboard-port", str(int(dashboard_port))]
         _clusters.add(self)
         try:
             try:
@@ -215,7 +222,7 @@ class LocalCluster:
                         raise RuntimeError(f"{proc.role} exited with code {proc.popen.wait()} "
                                            "before it was ready")
                     buffers[fd] += chunk
-                    if self._parse_ready(proc, buffers[fd]):
+                    if self._parse_ready(proc, buffers[fd], self):
                         sel.unregister(fd)
                         del waiting[fd]
                 for fd, proc in list(waiting.items()):
@@ -224,10 +231,15 @@ class LocalCluster:
                                            f"{proc.popen.returncode} before it was ready")
 
     @staticmethod
-    def _parse_ready(proc: Process, text: bytes) -> bool:
+    def _parse_ready(proc: Process, text: bytes, cluster: LocalCluster) -> bool:
+        wants_dashboard = "--dashboard-port" in proc.popen.args
         for line in text.decode(errors="replace").splitlines():
             if line.startswith("Start center at "):
                 proc.address = line.split()[-1]
+                if not wants_dashboard:
+                    return True
+            if line.startswith("Dashboard at "):
+                cluster.dashboard_link = line.split()[-1]
                 return True
             if line.startswith("Start worker at:"):
                 proc.address = line.split()[-1]

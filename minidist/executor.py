@@ -43,13 +43,16 @@ import uuid
 import weakref
 from concurrent.futures import CancelledError
 from concurrent.futures._base import FINISHED, PENDING, RUNNING
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from . import wire
 from .default_scheduler import register_default_scheduler, unregister_default_scheduler
 from .task import (HasKey, InitializerError, InitSpec, KeyConflictError, LostKeyError, RunSpec,
-                   collect, pack, unpack_exception)
+                   collect, fill_source_lines, pack, unpack_exception)
 from .wire import BatchedSender, ConnectionPool, Security
+
+if TYPE_CHECKING:
+    from .diagnostics import TaskStream
 
 logger = logging.getLogger("minidist.executor")
 
@@ -727,6 +730,15 @@ class Executor(concurrent.futures.Executor):
                           "spill_error": w.get("spill_error")}
                 for address, w in self._center("workers").items()}
 
+    def get_task_stream(self) -> TaskStream:
+        """Collect every task run on the cluster inside a ``with`` block.
+
+        ``with e.get_task_stream() as ts: ...`` then ``ts.data`` is a list of
+        dicts (``key``, ``worker``, ``thread``, ``start``, ``stop``, ``status``).
+        """
+        from .diagnostics import TaskStream
+        return TaskStream(self)
+
     def _center(self, op: str, **kwargs: Any) -> Any:
         return self._pool.call(self.address, op, **kwargs)
 
@@ -890,6 +902,7 @@ class Executor(concurrent.futures.Executor):
             future._finish()
 
     def _on_erred(self, key: Any, exception: wire.Serialized, traceback: str) -> None:
+        traceback = fill_source_lines(traceback)
         exc = unpack_exception(exception, traceback)
         if isinstance(exc, InitializerError) and self._init is not None:
             self._break_pool(exc)

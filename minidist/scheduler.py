@@ -76,6 +76,7 @@ import logging
 from collections import deque
 from typing import Any, Callable, Iterable
 
+from .history import History
 from .task import KeyConflictError, KilledWorker, LostKeyError, NoWorkerError, RunSpec, key_name
 from .wire import Serialized, serialize
 
@@ -252,8 +253,9 @@ class Scheduler:
 
     def __init__(self, *, allowed_failures: int = 3, prefetch: int = 1,
                  no_workers_timeout: float | None = None, address: str = "",
-                 id: str = "") -> None:
+                 id: str = "", history: History | None = None) -> None:
         self.allowed_failures = allowed_failures
+        self.history = history  # where task runs and events are recorded, if anywhere
         self.prefetch = prefetch
         self.no_workers_timeout = no_workers_timeout
         self.address = address  # the center's, told to workers and clients on registration
@@ -416,6 +418,9 @@ class Scheduler:
         self._post(stream, {"op": "registered", "center": self.address, "id": self.id})
         logger.info("worker %s registered (%d threads, %d keys held)", address, ws.nthreads,
                     len(data))
+        if self.history is not None:
+            self.history.event("worker-added", f"worker {address} ({name}) joined with "
+                               f"{ws.nthreads} thread{'s' if ws.nthreads != 1 else ''}")
         if data:
             self._on_add_keys(ws, data, from_registration=True, adopt=adopt)
         for ts in list(self.no_worker):
@@ -431,6 +436,10 @@ class Scheduler:
             return
         log = logger.info if reason == "worker is leaving" else logger.warning
         log("removing worker %s: %s", ws.address, reason)
+        if self.history is not None:
+            self.history.event(
+                "worker-left" if reason == "worker is leaving" else "worker-removed",
+                f"worker {ws.address} ({ws.name}) removed: {reason}")
         del self.workers[ws.address]
         self._dirty.pop(ws, None)
         if ws.paused:
@@ -465,8 +474,7 @@ class Scheduler:
                 # pickled for a fetch, say) counts like a task whose workers keep dying.
                 ts.suspicious += 1
                 if ts.suspicious >= self.allowed_failures:
-                    exc = KilledWorker(ts.key, ws.address, ts.suspicious)
-                    self._set_erred(ts, serialize(exc), str(exc) + "\n")
+                    self._killed(ts, ws)
                     continue
             restart.append(ts)
             for waiter in list(ts.waiters or ()):
@@ -480,8 +488,7 @@ class Scheduler:
             if i < ws.nthreads:  # the first nthreads were running, the rest prefetched
                 ts.suspicious += 1
                 if ts.suspicious >= self.allowed_failures:
-                    exc = KilledWorker(ts.key, ws.address, ts.suspicious)
-                    self._set_erred(ts, serialize(exc), str(exc) + "\n")
+                    self._killed(ts, ws)
                     continue
             restart.append(ts)
         ws.processing.clear()
@@ -497,7 +504,10 @@ class Scheduler:
     # ------------------------------------------------------------------ worker messages
 
     def _on_task_finished(self, ws: WorkerState, key: Any, nbytes: int = 0,
-                          duration: float = 0.0, value: Serialized | None = None) -> None:
+                          duration: float = 0.0, value: Serialized | None = None,
+                          run: tuple | None = None) -> None:
+        if run is not None and self.history is not None:
+            self.history.ran(key, ws.address, run)
         ws.observe(duration)
         ws.last_progress = self.now
         ts = self.tasks.get(key)
@@ -548,7 +558,11 @@ class Scheduler:
             ws.nbytes += ts.nbytes
 
     def _on_task_erred(self, ws: WorkerState, key: Any, exception: Serialized,
-                       traceback: str) -> None:
+                       traceback: str, run: tuple | None = None) -> None:
+        if run is not None and self.history is not None:
+            self.history.ran(key, ws.address, run, erred=True)
+            self.history.event("task-erred", f"task {key_name(key)} erred on {ws.address}: "
+                                             f"{_last_line(traceback)}")
         ts = self.tasks.get(key)
         if ts is None or ts.state not in (PROCESSING, QUEUED, WAITING, NO_WORKER):
             return
@@ -1049,6 +1063,13 @@ class Scheduler:
                                     sorted(ts.restrictions) if ts.restrictions else None)
                 self._set_erred(ts, serialize(exc), str(exc) + "\n")
 
+    def _killed(self, ts: TaskState, ws: WorkerState) -> None:
+        """``ts`` saw too many of its workers die (the last was ``ws``): it errs."""
+        exc = KilledWorker(ts.key, ws.address, ts.suspicious)
+        self._set_erred(ts, serialize(exc), str(exc) + "\n")
+        if self.history is not None:
+            self.history.event("task-erred", str(exc))
+
     def _unschedule(self, ts: TaskState) -> None:
         """Take a waiting/queued/processing task back to released (cancelling it on its worker)."""
         ws = ts.worker
@@ -1175,3 +1196,8 @@ class Scheduler:
             states[ts.state] = states.get(ts.state, 0) + 1
         return {"tasks": states, "ntasks": len(self.tasks), "workers": len(self.workers),
                 "clients": len(self.clients), "queued": len(self.queued)}
+
+
+def _last_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[-1][:300] if lines else "no traceback"

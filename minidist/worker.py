@@ -28,7 +28,9 @@ Life of one task, ``compute(key, spec, who_has)`` from the center:
    calls the function.  The result stays in ``data``; the center hears
    ``task_finished`` with its size (and, for a small builtin or numpy
    result, its pickle, which the center passes on to waiting clients),
-   or ``task_erred`` with the pickled exception and the traceback text.
+   or ``task_erred`` with the pickled exception and the traceback text;
+   either carries ``run``, the run's ``(start, stop, thread)`` (wall-clock
+   seconds and the task thread's number), for the center's task stream.
 4. Clients and peers fetch the value with ``get_data`` when they need it;
    the center sends ``delete_data`` when nobody needs it any more.
 
@@ -64,7 +66,7 @@ from .cli import add_common_args, run_until_signalled, start_process
 from .memory import (MemoryManager, SpillBuffer, SpillError, make_local_directory,
                      parse_memory_limit, remove_local_directory, sizeof, tune_allocator)
 from .task import RunSpec, pack_exception, run
-from .wire import NO_REPLY, BatchedSender, Connection, ConnectionPool, Security
+from .wire import BatchedSender, Connection, ConnectionPool, Security
 
 logger = logging.getLogger("minidist.worker")
 
@@ -184,7 +186,8 @@ class Worker:
             raise
         self.memory.start()
         for i in range(self.nthreads):
-            threading.Thread(target=self._task_loop, name=f"task-{i}", daemon=True).start()
+            threading.Thread(target=self._task_loop, args=(i,), name=f"task-{i}",
+                             daemon=True).start()
         threading.Thread(target=self._center_loop, name="center-stream", daemon=True).start()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         deadline = time.monotonic() + timeout
@@ -259,10 +262,8 @@ class Worker:
     def _register(self) -> Connection:
         conn = wire.connect(self.center_address, security=self.security)
         if not self.address:
-            host, port = self._bind_host, self.server.port
-            if host in ("0.0.0.0", "", "::"):
-                host = conn.sock.getsockname()[0]
-            self.address = self.contact_address or wire.format_address(host, port)
+            self.address = self.contact_address or wire.format_address(
+                self._reachable_host(conn), self.server.port)
         held = dict(self.nbytes)
         conn.send({"op": "register_worker", "address": self.address,
                    "nthreads": self.nthreads, "name": self.name or self.address,
@@ -286,6 +287,14 @@ class Worker:
         for msg in batch[1:]:
             self._dispatch(msg)
         return conn
+
+    def _reachable_host(self, conn: Connection) -> str:
+        """The host to advertise: the bound interface, or with a wildcard bind the local end
+        of the route to the center (the host's routable address if that is loopback)."""
+        if self._bind_host not in wire.WILDCARD_HOSTS:
+            return self._bind_host
+        host = conn.sock.getsockname()[0]
+        return wire.reachable_host() if host.startswith("127.") else host
 
     def _serve_center(self, conn: Connection) -> None:
         while True:
@@ -457,7 +466,7 @@ class Worker:
 
     # ------------------------------------------------------------------ running tasks
 
-    def _task_loop(self) -> None:
+    def _task_loop(self, thread: int) -> None:
         memory = self.memory
         unpaused = memory.unpaused
         while True:
@@ -470,28 +479,31 @@ class Worker:
             if self._take_waiting(item):
                 self._running[item] = None
                 try:
-                    self._execute(item)
+                    self._execute(item, thread)
                 finally:
                     del self._running[item]
 
     def _is_idle(self) -> bool:
         return not self._running and not self._waiting
 
-    def _execute(self, item: _TaskItem) -> None:
+    def _execute(self, item: _TaskItem, thread: int = 0) -> None:
+        """Run one task on task thread number ``thread``; report it with its run times."""
         key = item.key
-        start = time.perf_counter()
+        start = time.time()
         try:
             result = run(item.spec, self.data)
         except BaseException as e:  # a task must never take a worker thread down
             blob, tb = pack_exception(e)
-            self._send({"op": "task_erred", "key": key, "exception": blob, "traceback": tb})
+            self._send({"op": "task_erred", "key": key, "exception": blob, "traceback": tb,
+                        "run": (start, time.time(), thread)})
             return
         finally:
             self.executed += 1
+        stop = time.time()
         nbytes = self.nbytes[key] = sizeof(result)
         self.data.put(key, result, nbytes)
-        msg = {"op": "task_finished", "key": key, "nbytes": nbytes,
-               "duration": time.perf_counter() - start}
+        msg = {"op": "task_finished", "key": key, "nbytes": nbytes, "duration": stop - start,
+               "run": (start, stop, thread)}
         value = _small_value(result, nbytes)
         if value is not None:
             msg["value"] = value
