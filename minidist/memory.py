@@ -77,6 +77,10 @@ TERMINATE = 0.95
 MONITOR_INTERVAL = 0.1
 """Seconds between two looks at the process's RSS."""
 
+TASK_CHECK_INTERVAL = 0.005
+"""A task thread reads the RSS before a task at most this often (a read costs about as much
+as a no-op task), so short tasks cannot outrun the monitor by more than this."""
+
 IDLE_TRIM_AFTER = 0.5
 """Seconds a worker must be idle, after doing work, before freed memory is trimmed."""
 
@@ -614,6 +618,7 @@ class MemoryManager:
         self._last_report: dict | None = None
         self._last_report_at = 0.0
         self._spill_retry_at = 0.0
+        self._task_check_at = 0.0  # when a task thread last read the RSS
         self._pause_lock = threading.Lock()
         if limit:
             data.target = int(limit * TARGET)
@@ -755,6 +760,10 @@ class MemoryManager:
         """
         if not self.limit:
             return
+        now = time.monotonic()
+        if now < self._task_check_at + TASK_CHECK_INTERVAL and not self.paused:
+            return
+        self._task_check_at = now
         rss = process_rss()
         if rss > SPILL * self.limit:
             self.spill()
