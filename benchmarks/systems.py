@@ -39,8 +39,10 @@ class System:
     name = "system"
     n_workers = 0
 
-    def start(self, n_workers: int = 2, payload_size: int | None = None) -> None:
-        """Start the cluster or pool; ``payload_size`` asks pools to build payloads per worker."""
+    def start(self, n_workers: int = 2, payload_size: int | None = None,
+              memory_limit: int | None = None) -> None:
+        """Start the cluster or pool; ``payload_size`` asks pools to build payloads per worker;
+        ``memory_limit`` is bytes per worker (clusters only; None: each system's default)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -142,22 +144,56 @@ class _ClientSystem(System):
         self.client.cancel(handles)
 
 
+DASHBOARD_POLL = "MINIDIST_BENCH_DASHBOARD_POLL"
+"""Seconds between polls of the dashboard's data, as an open page polls; unset: no dashboard."""
+
+
+def _poll_dashboard(link: str, interval: float, stop: Any) -> None:
+    """Fetch ``data.json`` like the dashboard page does, every ``interval`` until ``stop``."""
+    import json
+    import urllib.request
+    mark = 0
+    while not stop.wait(interval):
+        try:
+            with urllib.request.urlopen(f"{link}data.json?since={mark}", timeout=30) as r:
+                mark = json.load(r)["stream"]["mark"]
+        except OSError:
+            pass
+
+
 class Minidist(_ClientSystem):
-    """``LocalCluster(n_workers, threads_per_worker=1)`` and a ``Client`` on it."""
+    """``LocalCluster(n_workers, threads_per_worker=1)`` and a ``Client`` on it.
+
+    With ``MINIDIST_BENCH_DASHBOARD_POLL=S`` set, the center serves its dashboard and a
+    thread polls it every S seconds, as an open page would (the cost of watching).
+    """
 
     name = "minidist"
 
     def __init__(self) -> None:
         self.cluster = None
         self.client = None
+        self._poller_stop = None
 
-    def start(self, n_workers: int = 2, payload_size: int | None = None) -> None:
+    def start(self, n_workers: int = 2, payload_size: int | None = None,
+              memory_limit: int | None = None) -> None:
+        import threading
         from minidist import Client, LocalCluster
         self.n_workers = n_workers
-        self.cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, timeout=300)
+        poll = os.environ.get(DASHBOARD_POLL)
+        self.cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, timeout=300,
+                                    memory_limit=memory_limit or "auto",
+                                    **({"dashboard_port": 0} if poll else {}))
         self.client = Client(self.cluster)
+        if poll:
+            self._poller_stop = threading.Event()
+            threading.Thread(target=_poll_dashboard, daemon=True, name="dashboard-poll",
+                             args=(self.cluster.dashboard_link, float(poll),
+                                   self._poller_stop)).start()
 
     def close(self) -> None:
+        if self._poller_stop is not None:
+            self._poller_stop.set()
         try:
             if self.client is not None:
                 self.client.close()
@@ -288,7 +324,8 @@ class Dask(_ClientSystem):
         self._procs: list[subprocess.Popen] = []
         self._tmp: tempfile.TemporaryDirectory | None = None
 
-    def start(self, n_workers: int = 2, payload_size: int | None = None) -> None:
+    def start(self, n_workers: int = 2, payload_size: int | None = None,
+              memory_limit: int | None = None) -> None:
         try:
             import distributed
         except ImportError as e:
@@ -299,7 +336,8 @@ class Dask(_ClientSystem):
             return
         self.cluster = distributed.LocalCluster(
             n_workers=n_workers, threads_per_worker=1, processes=True,
-            dashboard_address=None, silence_logs=logging.ERROR)
+            dashboard_address=None, silence_logs=logging.ERROR,
+            memory_limit=memory_limit or "auto")
         self.client = distributed.Client(self.cluster)
 
     def _start_processes(self, n_workers: int) -> None:

@@ -72,3 +72,14 @@ def init_payloads(size: int) -> None:
 def get_payload(kind: str) -> Any:
     """Return this worker's payload built by ``init_payloads``."""
     return _payloads[kind]
+
+
+def make_array(i: int, nbytes: int) -> Any:
+    """A numpy array of ``nbytes`` filled with ``i`` (numpy imported on first use)."""
+    import numpy as np
+    return np.full(nbytes // 8, float(i))
+
+
+def first_and_sum(x: Any) -> tuple[float, float]:
+    """``(x[0], x.sum())`` of a numpy array: reads every byte of it."""
+    return float(x[0]), float(x.sum())

@@ -343,6 +343,51 @@ def many_workers_ideal(sizes: dict) -> dict:
     return {"elapsed": sizes["tasks"] * sizes["sleep"] / sizes["workers"]}
 
 
+# ---------------------------------------------------------------------------- spill
+
+def _disk_writes(pids: list[int]) -> dict[int, int]:
+    """pid -> bytes it has caused to be written to storage (``/proc/PID/io``); gone: absent."""
+    found = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/io") as f:
+                found[pid] = next(int(line.split()[1]) for line in f
+                                  if line.startswith("write_bytes:"))
+        except (OSError, StopIteration):
+            continue
+    return found
+
+
+def measure_spill(system: System, sizes: dict) -> dict:
+    """Arrays worth twice the workers' memory limits, all kept alive, then a checksum of each.
+
+    Both systems run with the same per-worker ``memory_limit`` and their
+    own spilling (minidist: its SpillBuffer; dask: zict).  Peak RSS is each
+    worker's VmHWM (the warm-up included); spill throughput is the bytes the
+    workers wrote to disk (``/proc/PID/io`` write_bytes) per second of the job.
+    A worker killed for its memory (and restarted) is counted in
+    ``workers_restarted``; its writes and peak are lost with it.
+    """
+    n, nbytes = sizes["arrays"], sizes["array_bytes"]
+    workers = system.worker_pids()
+    before = _disk_writes(workers)
+    if len(before) != len(workers):
+        raise NotSupported("cannot read /proc/PID/io of the workers")
+    args = fresh(n)
+    t0 = time.perf_counter()
+    arrays = [system.submit(tasks.make_array, i, nbytes) for i in args]
+    sums = system.gather([system.submit(tasks.first_and_sum, a) for a in arrays])
+    t1 = time.perf_counter()
+    after = _disk_writes(workers)
+    written = sum(after[pid] - before[pid] for pid in after)
+    peaks = [procs.memory(pid)["VmHWM"] for pid in after]
+    _check(sums == [(float(i), float(i) * (nbytes // 8)) for i in args], "checksums")
+    del arrays
+    return {"total": t1 - t0, "worker_peak_MB": max(peaks) / MB,
+            "spill_MBps": written / MB / (t1 - t0), "spilled_MB": written / MB,
+            "workers_restarted": len(workers) - len(after)}
+
+
 # ---------------------------------------------------------------------------- memory
 
 def measure_memory(system: System, sizes: dict) -> dict:
@@ -516,6 +561,18 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
         measure=measure_memory, systems=("minidist", "dask"),
         dask_options={"separate_scheduler": True},
         targets=[Target("center_bytes_per_task", None, "<=", 2048)], measure_deadline=900),
+    Workload(
+        "spill", "arrays worth twice the workers' memory limits kept alive, then a checksum "
+        "of each, with the same limit per worker (MB = 2^20 bytes)",
+        [Metric("total", "s", "lower"), Metric("worker_peak_MB", "MB", "lower"),
+         Metric("spill_MBps", "MB/s", "higher"), Metric("spilled_MB", "MB", "lower"),
+         Metric("workers_restarted", "", "lower")],
+        full={"memory_limit": 500 * 10**6, "arrays": 100, "array_bytes": 20 * MB},
+        quick={"memory_limit": 300 * 10**6, "arrays": 120, "array_bytes": 10 * MB},
+        measure=measure_spill, systems=("minidist", "dask"),
+        start_options=lambda sizes: {"memory_limit": sizes["memory_limit"]},
+        targets=[Target("total", "dask", "<=", 0.5), Target("worker_peak_MB", "dask", "<=", 1.0)],
+        measure_deadline=600),
     Workload(
         "scale", "Client.map(inc, range(N), pure=False) then gather, N from 10k to 1M "
         "(rate_ratio: tasks/s at the largest N over the smallest)",

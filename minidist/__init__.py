@@ -18,13 +18,16 @@ _EXPORTS = {
     "Future": "executor", "InitializerError": "task", "KeyConflictError": "task",
     "KilledWorker": "task", "LocalCluster": "cluster", "LostKeyError": "task",
     "NoWorkerError": "task", "Pool": "pool", "RemoteData": "pool", "RemoteException": "task",
-    "SerializationError": "wire", "get": "dask_get",
+    "SerializationError": "wire", "get": "dask_get", "performance_report": "diagnostics",
+    "progress": "diagnostics", "sizeof": "memory",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .cluster import LocalCluster
     from .dask_get import get
+    from .diagnostics import performance_report, progress
+    from .memory import sizeof
     from .executor import Client, Executor, Future
     from .pool import Pool, RemoteData
     from .task import (InitializerError, KeyConflictError, KilledWorker, LostKeyError,

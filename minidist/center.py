@@ -56,6 +56,7 @@ from typing import Any, Callable, Iterable
 
 from . import wire
 from .cli import add_common_args, run_until_signalled, start_process
+from .history import History
 from .scheduler import Outgoing, Scheduler
 from .wire import NO_REPLY, BatchedSender, Connection, Security
 
@@ -85,10 +86,12 @@ class Center:
                  no_workers_timeout: float | None = None) -> None:
         self.security = security or Security()
         self.heartbeat_timeout = heartbeat_timeout
+        self.history = History()  # recent task runs and events, for the dashboard and clients
         self.scheduler = Scheduler(allowed_failures=allowed_failures, prefetch=prefetch,
                                    no_workers_timeout=no_workers_timeout,
-                                   id=uuid.uuid4().hex)
+                                   id=uuid.uuid4().hex, history=self.history)
         self._outbox: set[BatchedSender] = set()  # streams with messages queued this tick
+        self._registered_at: dict[BatchedSender, float] = {}  # worker stream -> told registered
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._baton = threading.Lock()  # held by whichever thread runs scheduler code
         self._wake_at = float("inf")    # when the idle scheduler thread next looks at the clock
@@ -104,12 +107,13 @@ class Center:
             "nthreads": self._query(sched.nthreads),
             "workers": self._query(self.worker_info),
             "info": self._query(self.info),
+            "task_stream": self._query(self.history.runs_since),
             "identity": lambda conn: {"type": "center", "pid": os.getpid()},
         }, security=self.security, name="center")
         self._event_handlers: dict[str, Callable[..., Outgoing | None]] = {
             "worker_msgs": sched.worker_msgs,
             "client_msgs": sched.client_msgs,
-            "add_worker": sched.worker_added,
+            "add_worker": self._add_worker,
             "worker_closed": lambda now, sender, address: sched.worker_removed(
                 now, address, "its connection closed", sender),
             "add_client": sched.client_added,
@@ -123,11 +127,16 @@ class Center:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, host: str = "127.0.0.1", port: int = wire.DEFAULT_PORT,
-              sock: socket.socket | None = None) -> str:
-        """Bind (or serve ``sock``, already listening), start the scheduler, return the address."""
+              sock: socket.socket | None = None, contact_address: str | None = None) -> str:
+        """Bind (or serve ``sock``, already listening), start the scheduler, return the address.
+
+        The address is the one other hosts should dial: ``contact_address``
+        (``HOST`` or ``HOST:PORT``) if given, else the bound interface, or for
+        a wildcard bind the host's primary routable address.
+        """
         wire.warn_if_exposed(host, self.security, "center")
         bound_host, bound_port = self.server.listen(host, port, sock)
-        self.address = wire.format_address(_advertised_host(bound_host), bound_port)
+        self.address = _contact_address(bound_host, bound_port, contact_address)
         self.scheduler.address = self.address
         self._thread.start()
         return self.address
@@ -285,11 +294,37 @@ class Center:
         except Exception as e:
             reply.put((False, e))
 
+    def _add_worker(self, now: float, sender: BatchedSender, *args: Any) -> Outgoing | None:
+        """Register a worker and tell it so at once: its heartbeats start when it reads that."""
+        out = self.scheduler.worker_added(now, sender, *args)
+        if out:
+            self._send(out)
+        if sender in self._outbox:
+            sender.flush()
+        self._registered_at[sender] = time.monotonic()
+        return None
+
+    def _silent_since(self, ws: Any) -> float:
+        """Since when (monotonic) worker ``ws`` has been silent though it could have spoken.
+
+        Measured by the handler thread reading its stream, not by when the
+        scheduler gets to what it read: a scheduler busy for seconds with a
+        large graph must not count that time against workers whose heartbeats
+        wait in its queue.  Nor does the time before the worker was told it is
+        registered count: it sends nothing until then.
+        """
+        stream = ws.stream
+        return max(stream.conn.quiet_since(), self._registered_at.get(stream, 0.0))
+
     def _check_heartbeats(self, now: float) -> None:
+        for sender in [s for s in self._registered_at if s.conn.closed]:
+            del self._registered_at[sender]
         for ws in list(self.scheduler.workers.values()):
-            if now - ws.last_seen > self.heartbeat_timeout:
+            silent = now - self._silent_since(ws)
+            if silent > self.heartbeat_timeout and not ws.stream.conn.input_waiting():
+                # (Bytes waiting: it spoke while this process was too busy to read them.)
                 self._send(self.scheduler.worker_removed(
-                    now, ws.address, f"no heartbeat for {now - ws.last_seen:.1f}s"))
+                    now, ws.address, f"no heartbeat for {silent:.1f}s"))
 
     # ------------------------------------------------------------------ queries
 
@@ -306,15 +341,13 @@ class Center:
         return self.scheduler.info()
 
 
-def _advertised_host(bound: str) -> str:
-    if bound not in ("0.0.0.0", "", "::"):
-        return bound
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))  # no packet is sent: picks the outward interface
-            return s.getsockname()[0]
-    except OSError:
-        return socket.gethostbyname(socket.gethostname())
+def _contact_address(bound_host: str, bound_port: int, contact: str | None) -> str:
+    if contact:
+        host, sep, port = contact.rpartition(":")
+        if sep and port.isdigit():
+            return wire.format_address(host.strip("[]"), int(port))
+        return wire.format_address(contact.strip("[]"), bound_port)
+    return wire.format_address(wire.reachable_host(bound_host), bound_port)
 
 
 # ---------------------------------------------------------------------- command line
@@ -348,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcenter", description="Start a minidist center.")
     parser.add_argument("--port", type=int, default=wire.DEFAULT_PORT)
     parser.add_argument("--dashboard-port", type=int, default=None,
-                        help="serve a JSON status page on this port")
+                        help="serve the dashboard (page, JSON, /metrics) on this port (0: any)")
+    parser.add_argument("--dashboard-host", default=None,
+                        help="interface for the dashboard (default: --host if given, "
+                        "else 127.0.0.1; it has no authentication)")
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0,
                         help="seconds without news before a worker is declared dead")
     parser.add_argument("--allowed-failures", type=int, default=3,
@@ -356,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-workers-timeout", type=float, default=None, metavar="S",
                         help="err tasks that no worker could run for S seconds (no workers, "
                              "or none matching their workers=); default: wait forever")
+    parser.add_argument("--contact-address", default=None,
+                        help="HOST or HOST:PORT that workers and clients should dial "
+                             "(default: the bound interface, or the host's routable address)")
     parser.add_argument("--listen-fd", type=int, default=None,
                         help=argparse.SUPPRESS)  # used by LocalCluster: serve this socket
     add_common_args(parser)
@@ -365,27 +404,32 @@ def main(argv: list[str] | None = None) -> int:
     center = Center(security=security, heartbeat_timeout=args.heartbeat_timeout,
                     allowed_failures=args.allowed_failures,
                     no_workers_timeout=args.no_workers_timeout)
+    if args.dashboard_port is not None:
+        from .dashboard import serve_dashboard  # imports http.server (and ssl) before serving
     try:
         sock = None if args.listen_fd is None else socket.socket(fileno=args.listen_fd)
-        address = center.start(host, args.port, sock)
+        address = center.start(host, args.port, sock, contact_address=args.contact_address)
     except OSError as e:
         where = f"{host}:{args.port}" if args.listen_fd is None else f"socket {args.listen_fd}"
         print(f"cannot start center on {where}: {e}", file=sys.stderr)
         return 1
+    ready = [f"Start center at {address}"]
     if args.dashboard_port is not None:
-        from .dashboard import serve_dashboard
+        dashboard_host = args.dashboard_host or args.host or "127.0.0.1"
         try:
-            url = serve_dashboard(center, host, args.dashboard_port)
+            url = serve_dashboard(center, dashboard_host, args.dashboard_port)
         except OSError as e:
-            print(f"cannot serve the dashboard on port {args.dashboard_port}: {e}",
+            print(f"cannot serve the dashboard on {dashboard_host}:{args.dashboard_port}: {e}",
                   file=sys.stderr)
             center.stop()
             return 1
-        logger.warning("status page at %s", url)
+        ready.append(f"Dashboard at {url}")
+        if dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+            logger.warning("the dashboard on %s has no authentication: anyone who can reach "
+                           "it sees worker addresses, task keys and errors", dashboard_host)
     if security.auth_key is None:
         logger.warning("no auth key: listening on %s only", host)
-    run_until_signalled(center.stop, args.exit_on_stdin_close,
-                        [f"Start center at {address}"])
+    run_until_signalled(center.stop, args.exit_on_stdin_close, ready)
     return 0
 
 

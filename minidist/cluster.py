@@ -18,6 +18,10 @@ threads that always drain the pipes.  When every worker is gone for good
 (not by ``stop_worker``/``close``), the callbacks in ``on_workers_lost``
 run: an Executor that owns the cluster breaks its futures instead of
 letting them wait forever.
+
+Each worker gets ``memory_limit`` (default ``auto``: this machine's
+memory divided by ``n_workers``), spills above 60% of it, pauses above
+80%, and the nanny kills and restarts it above 95% (``memory.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any, Callable
 
 from . import wire
 from .executor import close_shared_sessions, local_cluster_security
+from .memory import parse_memory_limit, terminate_policy
 from .nanny import Child, Nanny
 from .wire import Security
 
@@ -86,6 +91,12 @@ class LocalCluster:
     use it automatically.  Pass ``auth_key=False`` for no authentication.
     A worker that dies is restarted (``nanny=False``: it is not), and what
     the workers print appears on this process's stdout and stderr.
+    ``memory_limit`` is per worker: bytes, ``"4GB"``, ``"512MiB"``, a
+    fraction of the machine (``0.25``), ``"auto"`` (the machine's memory
+    divided by ``n_workers``) or None/0 for none; ``local_directory`` is
+    where workers spill (default: the temporary directory).
+    ``dashboard_port=0`` (or a port) serves the center's dashboard, whose
+    URL is then ``dashboard_link``.
     """
 
     def __init__(self, n_workers: int = 2, threads_per_worker: int = 1, *,
@@ -93,7 +104,10 @@ class LocalCluster:
                  tls_ca: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, heartbeat_timeout: float | None = None,
                  allowed_failures: int | None = None, log_level: str = "warning",
-                 timeout: float = 30.0, nanny: bool = True) -> None:
+                 timeout: float = 30.0, nanny: bool = True,
+                 dashboard_port: int | None = None,
+                 memory_limit: int | float | str | None = "auto",
+                 local_directory: str | None = None) -> None:
         if auth_key is None:
             auth_key = secrets.token_hex(32)
         self.security = Security(auth_key or None, tls_ca=tls_ca, tls_cert=tls_cert,
@@ -103,9 +117,14 @@ class LocalCluster:
         self.threads_per_worker = threads_per_worker
         self.log_level = log_level
         self.timeout = timeout
+        self.memory_limit = parse_memory_limit(memory_limit, n_workers)
+        """Bytes of memory each worker may use (None: no limit)."""
+        self.local_directory = local_directory
         # Heartbeat often enough that a short timeout still spans several beats.
         self._heartbeat_interval = None if heartbeat_timeout is None else \
             min(1.0, heartbeat_timeout / 5)
+        self.dashboard_link: str | None = None
+        """The dashboard's URL when started with ``dashboard_port`` (0: any free port)."""
         self.center: Process | None = None
         self.workers: list[Child] = []
         # Called with a reason once every worker is gone for good (not by stop/close).
@@ -117,8 +136,9 @@ class LocalCluster:
         if self.auth_key:
             env["MINIDIST_AUTH_KEY"] = self.auth_key.decode()
         self._env = env
+        policies = [terminate_policy(self.memory_limit)] if self.memory_limit and nanny else []
         self._nanny = Nanny(restart=nanny, forward_output=True, new_session=True, env=env,
-                            on_gone=self._worker_gone)
+                            on_gone=self._worker_gone, policies=policies)
         listener = _listening_socket(host)
         self.address = wire.format_address(host, listener.getsockname()[1])
         center_args = ["--listen-fd", str(listener.fileno())]
@@ -126,6 +146,8 @@ class LocalCluster:
             center_args += ["--heartbeat-timeout", str(heartbeat_timeout)]
         if allowed_failures is not None:
             center_args += ["--allowed-failures", str(allowed_failures)]
+        if dashboard_port is not None:
+            center_args += ["--dashboard-port", str(int(dashboard_port))]
         _clusters.add(self)
         try:
             try:
@@ -157,7 +179,9 @@ class LocalCluster:
 
     def _spawn_worker(self, nthreads: int | None, name: str | None = None) -> Child:
         args = [self.address, "--nthreads", str(nthreads or self.threads_per_worker),
-                "--no-nanny"]
+                "--no-nanny", "--memory-limit", str(self.memory_limit or 0)]
+        if self.local_directory:
+            args += ["--local-directory", self.local_directory]
         if name:
             args += ["--name", name]
         if self._heartbeat_interval is not None:
@@ -198,7 +222,7 @@ class LocalCluster:
                         raise RuntimeError(f"{proc.role} exited with code {proc.popen.wait()} "
                                            "before it was ready")
                     buffers[fd] += chunk
-                    if self._parse_ready(proc, buffers[fd]):
+                    if self._parse_ready(proc, buffers[fd], self):
                         sel.unregister(fd)
                         del waiting[fd]
                 for fd, proc in list(waiting.items()):
@@ -207,10 +231,15 @@ class LocalCluster:
                                            f"{proc.popen.returncode} before it was ready")
 
     @staticmethod
-    def _parse_ready(proc: Process, text: bytes) -> bool:
+    def _parse_ready(proc: Process, text: bytes, cluster: LocalCluster) -> bool:
+        wants_dashboard = "--dashboard-port" in proc.popen.args
         for line in text.decode(errors="replace").splitlines():
             if line.startswith("Start center at "):
                 proc.address = line.split()[-1]
+                if not wants_dashboard:
+                    return True
+            if line.startswith("Dashboard at "):
+                cluster.dashboard_link = line.split()[-1]
                 return True
             if line.startswith("Start worker at:"):
                 proc.address = line.split()[-1]

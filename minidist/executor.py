@@ -44,13 +44,16 @@ import uuid
 import weakref
 from concurrent.futures import CancelledError
 from concurrent.futures._base import FINISHED, PENDING, RUNNING
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from . import wire
 from .default_scheduler import register_default_scheduler, unregister_default_scheduler
 from .task import (HasKey, InitializerError, InitSpec, KeyConflictError, LostKeyError, RunSpec,
-                   collect, pack, unpack_exception)
+                   collect, fill_source_lines, pack, unpack_exception)
 from .wire import BatchedSender, ConnectionPool, Security
+
+if TYPE_CHECKING:
+    from .diagnostics import TaskStream
 
 logger = logging.getLogger("minidist.executor")
 
@@ -352,7 +355,8 @@ class Executor(concurrent.futures.Executor):
 
     ``Executor("host:port")`` connects to a center; ``Executor()`` starts a
     LocalCluster and owns it (``Executor(4)`` or ``max_workers=4`` sizes it,
-    as with ProcessPoolExecutor).  ``map`` follows PEP 3148 and returns an
+    as with ProcessPoolExecutor; ``memory_limit=`` is each of its workers'
+    limit, default ``"auto"``).  ``map`` follows PEP 3148 and returns an
     iterator of results; see ``Client`` for a map that returns futures.
 
     As with ProcessPoolExecutor, ``initializer(*initargs)`` runs on each
@@ -371,7 +375,8 @@ class Executor(concurrent.futures.Executor):
                  timeout: float = 10.0, auth_key: bytes | str | None = None,
                  tls_ca: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, initializer: Callable[..., Any] | None = None,
-                 initargs: tuple = ()) -> None:
+                 initargs: tuple = (),
+                 memory_limit: int | float | str | None = "auto") -> None:
         self._cluster = None
         if isinstance(address, int) and not isinstance(address, bool):
             address, max_workers = None, address
@@ -393,6 +398,7 @@ class Executor(concurrent.futures.Executor):
             from .cluster import LocalCluster
             self._cluster = LocalCluster(n_workers=n_workers or max_workers or 2,
                                          threads_per_worker=threads_per_worker,
+                                         memory_limit=memory_limit,
                                          tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
             address, cluster_security = self._cluster.address, self._cluster.security
         self.address = wire.format_address(*wire.parse_address(address))
@@ -816,6 +822,33 @@ class Executor(concurrent.futures.Executor):
 
     ncores = nthreads
 
+    def memory(self) -> dict:
+        """worker address -> its memory, as it last reported it (every half second at most).
+
+        ``managed``: bytes of results held in memory; ``spilled``: bytes of
+        results written to its local directory; ``unmanaged``: the rest of
+        its RSS (interpreter, libraries, a running task's temporaries);
+        ``paused``: True while it starts no new task because its memory is
+        nearly full; ``limit``: its memory limit in bytes (None: none);
+        ``spill_error``: why its last spill failed, or None.
+        """
+        return {address: {"managed": w.get("memory_managed", 0),
+                          "spilled": w.get("memory_spilled", 0),
+                          "unmanaged": w.get("memory_unmanaged", 0),
+                          "paused": w.get("paused", False),
+                          "limit": w.get("memory_limit"),
+                          "spill_error": w.get("spill_error")}
+                for address, w in self._center("workers").items()}
+
+    def get_task_stream(self) -> TaskStream:
+        """Collect every task run on the cluster inside a ``with`` block.
+
+        ``with e.get_task_stream() as ts: ...`` then ``ts.data`` is a list of
+        dicts (``key``, ``worker``, ``thread``, ``start``, ``stop``, ``status``).
+        """
+        from .diagnostics import TaskStream
+        return TaskStream(self)
+
     def _center(self, op: str, **kwargs: Any) -> Any:
         return self._pool.call(self.address, op, **kwargs)
 
@@ -979,6 +1012,7 @@ class Executor(concurrent.futures.Executor):
             future._finish()
 
     def _on_erred(self, key: Any, exception: wire.Serialized, traceback: str) -> None:
+        traceback = fill_source_lines(traceback)
         exc = unpack_exception(exception, traceback)
         if isinstance(exc, InitializerError) and self._init is not None:
             self._break_pool(exc)

@@ -18,7 +18,9 @@ nannies in the client's process), so a cluster costs no extra process::
 Each slot thread owns one worker slot: it spawns the process, reads its
 status pipe, waits for it to exit (a pidfd wakes it at once) and every
 ``POLICY_INTERVAL`` asks the nanny's policies whether the running worker
-must be restarted (the place for a memory limit).  When the process ends:
+must be restarted (``memory.terminate_policy``: its RSS passed 95% of its
+memory limit; it is killed with SIGKILL, so the death counts against the
+task it was running).  When the process ends:
 
 - the nanny is closing, or the slot was stopped (``Nanny.stop``): the slot ends;
 - a policy asked for the restart: it restarts at once;
@@ -78,8 +80,9 @@ STOP_GRACE = 5.0
 _LINE_LIMIT = 1 << 16
 """Forwarded output is written in whole lines; a longer line is cut at this many bytes."""
 
-Policy = Callable[["Child"], "str | None"]
-"""A per-worker check: returns why the running worker must be restarted, or None."""
+Policy = Callable[["Child"], "str | tuple[str, int] | None"]
+"""A per-worker check: why the running worker must be restarted (and, optionally, the
+signal to stop it with: ``(reason, signal.SIGKILL)``), or None."""
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -207,8 +210,8 @@ class Nanny:
         if child._thread is not None and child._thread is not threading.current_thread():
             child._thread.join(timeout)
 
-    def restart_child(self, child: Child, reason: str) -> None:
-        """Restart ``child`` now (SIGTERM, SIGKILL after ``STOP_GRACE``); logs ``reason``."""
+    def restart_child(self, child: Child, reason: str, sig: int = signal.SIGTERM) -> None:
+        """Restart ``child`` now (``sig``, SIGKILL after ``STOP_GRACE``); logs ``reason``."""
         with self._lock:
             if not child.keep or child._restart_reason is not None or not child.alive():
                 return
@@ -216,7 +219,7 @@ class Nanny:
             child._kill_at = time.monotonic() + STOP_GRACE
             logger.warning("restarting worker %s (pid %d): %s", child.address or "?",
                            child.pid, reason)
-            _signal(child.popen, signal.SIGTERM)
+            _signal(child.popen, sig)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop every worker (SIGTERM, then SIGKILL after ``timeout``); wait for all of them."""
@@ -363,7 +366,10 @@ class Nanny:
                 logger.exception("policy %r failed for worker pid %d", policy, child.pid)
                 continue
             if reason:
-                self.restart_child(child, reason)
+                if isinstance(reason, tuple):
+                    self.restart_child(child, *reason)
+                else:
+                    self.restart_child(child, reason)
                 return
 
     def _after_exit(self, child: Child) -> float | None:
@@ -491,9 +497,10 @@ def child_command(argv: Sequence[str], args: argparse.Namespace, index: int) -> 
     The user's arguments are passed on as given (so every worker option
     reaches the worker), followed by what differs per worker: ``--port P``
     becomes ``P + index`` and ``--name N`` becomes ``N-index`` when there
-    are several workers.
+    are several workers, and ``--memory-limit`` is the limit in bytes
+    (``auto`` divides the machine by ``--nworkers`` here, not in each worker).
     """
-    extra = []
+    extra = ["--memory-limit", str(getattr(args, "memory_limit_bytes", None) or 0)]
     if args.port and index:
         extra += ["--port", str(args.port + index)]
     if args.name and args.nworkers > 1:
@@ -534,7 +541,10 @@ def main(args: argparse.Namespace, argv: Iterable[str]) -> int:
         if all(c.gone for c in nanny.children):
             stop.set()
 
-    nanny = Nanny(on_ready=on_ready, on_gone=on_gone)
+    limit = getattr(args, "memory_limit_bytes", None)
+    from .memory import terminate_policy
+    nanny = Nanny(on_ready=on_ready, on_gone=on_gone,
+                  policies=[terminate_policy(limit)] if limit else [])
     argv = list(argv)
     try:
         for i in range(args.nworkers):

@@ -11,7 +11,8 @@ current time, and each event returns the messages to send, per stream::
   worker registered             -> worker_added(now, stream, address, ...)
   batch read from a worker      -> worker_msgs(now, stream, address, batch)
                                      task_finished, task_erred, missing_data, data_erred,
-                                     steal_response, add_keys, heartbeat, unregister
+                                     steal_response, add_keys, heartbeat, memory,
+                                     unregister
   worker stream closed/silent   -> worker_removed(now, address, reason, stream)
   client registered / left      -> client_added / client_removed(now, stream, client_id)
   batch read from a client      -> client_msgs(now, stream, client_id, batch)
@@ -40,9 +41,11 @@ Life of one task, ``e.submit(inc, 1)``:
    fewest input bytes must move (ties: the least busy), if that worker has
    a free slot (``nthreads`` plus a prefetch worth a few milliseconds of
    work); otherwise it waits at the center, in that worker's pending queue
-   or, with no inputs, in the global queue.  Workers take from these queues
-   as slots free up, and an idle worker steals from a pending queue longer
-   than its owner's capacity, so a worker that joins mid-job gets work at
+   or, with no inputs, in the global queue.  A worker paused for memory has
+   no free slot and is chosen only if every candidate is paused.  Workers
+   take from these queues as slots free up, and an idle worker steals from
+   a pending queue longer than its owner's capacity (any pending queue of a
+   paused worker), so a worker that joins mid-job gets work at
    once while work on data still runs where the data is.
 4. The worker runs it and sends ``task_finished``; the task goes to
    ``memory``, the client gets a ``memory`` event naming the holders and
@@ -75,6 +78,7 @@ from collections import deque
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
+from .history import History
 from .task import KeyConflictError, KilledWorker, LostKeyError, NoWorkerError, RunSpec, key_name
 from .wire import Serialized, serialize
 
@@ -144,7 +148,8 @@ class WorkerState:
 
     __slots__ = ("address", "name", "nthreads", "stream", "processing", "pending",
                  "has_what", "nbytes", "last_seen", "pid", "capacity", "min_prefetch",
-                 "duration", "last_progress", "free_entry")
+                 "duration", "last_progress", "free_entry", "paused", "managed", "spilled",
+                 "unmanaged", "memory_limit", "spill_error")
 
     def __init__(self, address: str, name: str, nthreads: int, stream: Any,
                  pid: int | None, prefetch: int, now: float) -> None:
@@ -163,9 +168,18 @@ class WorkerState:
         self.last_seen = now
         self.pid = pid
         self.free_entry: tuple | None = None  # its newest entry in the scheduler's free heap
+        # What the worker last said of its memory (its "memory" message); paused: no new tasks.
+        self.paused = False
+        self.managed = self.spilled = self.unmanaged = 0
+        self.memory_limit: int | None = None
+        self.spill_error: str | None = None
 
     def has_slot(self) -> bool:
-        return len(self.processing) < self.capacity
+        return len(self.processing) < self.capacity and not self.paused
+
+    def backlogged(self) -> bool:
+        """Whether an idle worker may steal from its pending queue (any, once paused)."""
+        return len(self.pending) > (0 if self.paused else self.capacity)
 
     def stalled_since(self) -> float | None:
         """When this worker counts as stalled with prefetched tasks, or None if it has none."""
@@ -274,8 +288,9 @@ class Scheduler:
 
     def __init__(self, *, allowed_failures: int = 3, prefetch: int = 1,
                  no_workers_timeout: float | None = None, address: str = "",
-                 id: str = "") -> None:
+                 id: str = "", history: History | None = None) -> None:
         self.allowed_failures = allowed_failures
+        self.history = history  # where task runs and events are recorded, if anywhere
         self.prefetch = prefetch
         self.no_workers_timeout = no_workers_timeout
         self.address = address  # the center's, told to workers and clients on registration
@@ -291,11 +306,12 @@ class Scheduler:
         self._out: Outgoing = {}                 # messages of the event being handled
         self._stealing: dict[TaskState, WorkerState] = {}  # asked back from a stalled worker
         self._next_steal_check = float("inf")
+        self._paused = 0  # workers paused for memory
         # Placement without a scan of every worker (the cost per task must not grow
         # with the cluster): candidates are kept where they can be found at once.
         self._free: list[tuple[float, int, WorkerState]] = []  # heap: (occupancy, n, ws)
         self._free_n = 0
-        self._backlogged: dict[WorkerState, None] = {}  # pending queue may exceed capacity
+        self._backlogged: dict[WorkerState, None] = {}  # pending queue may be stolen from
         self._prefetched: dict[WorkerState, None] = {}  # may run more than nthreads
         self._no_stall_before = 0.0  # no worker with prefetched tasks is stalled before this
         self._worker_ops: dict[str, Callable[..., None]] = {
@@ -306,6 +322,7 @@ class Scheduler:
             "steal_response": self._on_steal_response,
             "add_keys": self._on_add_keys,
             "heartbeat": lambda ws: None,
+            "memory": self._on_memory,
             "unregister": lambda ws: self._remove_worker(ws, "worker is leaving"),
         }
         self._client_ops: dict[str, Callable[..., None]] = {
@@ -443,6 +460,9 @@ class Scheduler:
         self._post(stream, {"op": "registered", "center": self.address, "id": self.id})
         logger.info("worker %s registered (%d threads, %d keys held)", address, ws.nthreads,
                     len(data))
+        if self.history is not None:
+            self.history.event("worker-added", f"worker {address} ({name}) joined with "
+                               f"{ws.nthreads} thread{'s' if ws.nthreads != 1 else ''}")
         if data:
             self._on_add_keys(ws, data, from_registration=True, adopt=adopt)
         for ts in list(self.no_worker):
@@ -458,8 +478,14 @@ class Scheduler:
             return
         log = logger.info if reason == "worker is leaving" else logger.warning
         log("removing worker %s: %s", ws.address, reason)
+        if self.history is not None:
+            self.history.event(
+                "worker-left" if reason == "worker is leaving" else "worker-removed",
+                f"worker {ws.address} ({ws.name}) removed: {reason}")
         del self.workers[ws.address]
         self._dirty.pop(ws, None)
+        if ws.paused:
+            self._paused -= 1
         self._stealing = {ts: thief for ts, thief in self._stealing.items()
                           if thief is not ws and ts.worker is not ws}
         self._out.setdefault(ws.stream, []).append(None)
@@ -490,8 +516,7 @@ class Scheduler:
                 # pickled for a fetch, say) counts like a task whose workers keep dying.
                 ts.suspicious += 1
                 if ts.suspicious >= self.allowed_failures:
-                    exc = KilledWorker(ts.key, ws.address, ts.suspicious)
-                    self._set_erred(ts, serialize(exc), str(exc) + "\n")
+                    self._killed(ts, ws)
                     continue
             restart.append(ts)
             for waiter in list(ts.waiters or ()):
@@ -505,8 +530,7 @@ class Scheduler:
             if i < ws.nthreads:  # the first nthreads were running, the rest prefetched
                 ts.suspicious += 1
                 if ts.suspicious >= self.allowed_failures:
-                    exc = KilledWorker(ts.key, ws.address, ts.suspicious)
-                    self._set_erred(ts, serialize(exc), str(exc) + "\n")
+                    self._killed(ts, ws)
                     continue
             restart.append(ts)
         ws.processing.clear()
@@ -522,14 +546,17 @@ class Scheduler:
     # ------------------------------------------------------------------ worker messages
 
     def _on_task_finished(self, ws: WorkerState, key: Any, nbytes: int = 0,
-                          duration: float = 0.0, value: Serialized | None = None) -> None:
+                          duration: float = 0.0, value: Serialized | None = None,
+                          run: tuple | None = None) -> None:
+        if run is not None and self.history is not None:
+            self.history.ran(key, ws.address, run)
         ws.observe(duration)
         ws.last_progress = self.now
         self._dirty[ws] = None  # its capacity may have grown
         since = ws.stalled_since()
         if since is not None and since < self._no_stall_before:
             self._no_stall_before = since
-        if len(ws.pending) > ws.capacity:  # its capacity shrank
+        if ws.backlogged():  # its capacity shrank
             self._backlogged[ws] = None
         ts = self.tasks.get(key)
         if ts is None or ts.state in (RELEASED, ERRED, LOST):
@@ -583,7 +610,11 @@ class Scheduler:
             ws.nbytes += ts.nbytes
 
     def _on_task_erred(self, ws: WorkerState, key: Any, exception: Serialized,
-                       traceback: str) -> None:
+                       traceback: str, run: tuple | None = None) -> None:
+        if run is not None and self.history is not None:
+            self.history.ran(key, ws.address, run, erred=True)
+            self.history.event("task-erred", f"task {key_name(key)} erred on {ws.address}: "
+                                             f"{_last_line(traceback)}")
         ts = self.tasks.get(key)
         if ts is None or ts.state not in (PROCESSING, QUEUED, WAITING, NO_WORKER):
             return
@@ -644,6 +675,28 @@ class Scheduler:
             self._post(holder.stream, msg)
         ts.who_has = None
         self._set_erred(ts, exception, traceback)
+
+    def _on_memory(self, ws: WorkerState, managed: int, spilled: int, unmanaged: int,
+                   paused: bool, limit: int | None = None, spill_error: str | None = None,
+                   **_: Any) -> None:
+        """A worker's memory figures; a paused worker gets no new task until it resumes."""
+        ws.managed, ws.spilled, ws.unmanaged = managed, spilled, unmanaged
+        ws.memory_limit, ws.spill_error = limit, spill_error
+        paused = bool(paused)
+        if paused == ws.paused:
+            return
+        ws.paused = paused
+        self._paused += 1 if paused else -1
+        if paused and ws.backlogged():  # idle workers may take all it has pending
+            self._backlogged[ws] = None
+        if paused:
+            logger.warning("worker %s paused: its memory is nearly full (managed %d MiB, "
+                           "unmanaged %d MiB, limit %s MiB); it gets no new tasks",
+                           ws.address, managed >> 20, unmanaged >> 20,
+                           "?" if limit is None else limit >> 20)
+        else:
+            logger.warning("worker %s resumed", ws.address)
+            self._dirty[ws] = None
 
     def _on_add_keys(self, ws: WorkerState, keys: dict, from_registration: bool = False,
                      adopt: bool = False) -> None:
@@ -743,7 +796,7 @@ class Scheduler:
         backlogged = self._backlogged
         victims = []
         for ws in list(backlogged):
-            if len(ws.pending) <= ws.capacity or self.workers.get(ws.address) is not ws:
+            if not ws.backlogged() or self.workers.get(ws.address) is not ws:
                 del backlogged[ws]
             elif ws is not thief:
                 victims.append(ws)
@@ -1015,6 +1068,8 @@ class Scheduler:
         if not candidates:
             self._queue_anywhere(ts)
             return
+        if self._paused:  # a paused worker gets work only when every candidate is paused
+            candidates = [ws for ws in candidates if not ws.paused] or list(candidates)
         cost = self._move_cost
         best = min(candidates, key=lambda ws: (cost(ts, ws), ws.occupancy()))
         if best.has_slot():
@@ -1030,7 +1085,7 @@ class Scheduler:
             ws = entry[2]
             if entry is ws.free_entry:
                 n = len(ws.processing)
-                if n < ws.capacity and entry[0] == n / ws.nthreads and \
+                if n < ws.capacity and not ws.paused and entry[0] == n / ws.nthreads and \
                         self.workers.get(ws.address) is ws:
                     return ws
             heapq.heappop(heap)  # stale: its load changed since, or it left
@@ -1041,7 +1096,7 @@ class Scheduler:
     def _offer(self, ws: WorkerState) -> None:
         """File ``ws`` among the workers with a free slot (after its load changed)."""
         n = len(ws.processing)
-        if n >= ws.capacity:
+        if n >= ws.capacity or ws.paused:
             return
         occupancy = n / ws.nthreads
         entry = ws.free_entry
@@ -1077,7 +1132,7 @@ class Scheduler:
         ts.state = QUEUED
         ts.worker = ws
         ws.pending.append(ts)
-        if len(ws.pending) > ws.capacity:
+        if ws.backlogged():
             self._backlogged[ws] = None
 
     def _assign(self, ts: TaskState, ws: WorkerState) -> None:
@@ -1108,7 +1163,7 @@ class Scheduler:
 
     def _fill(self, ws: WorkerState) -> None:
         """Give ``ws`` work for its free slots: its own queue, the global one, then steal."""
-        while len(ws.processing) < ws.capacity:
+        while len(ws.processing) < ws.capacity and not ws.paused:
             ts = (ws.pending and self._pop_pending(ws)) or (self.queued and self._pop_queued()) \
                 or (self._backlogged and self._steal_for(ws)) or None
             if ts is None:
@@ -1153,6 +1208,13 @@ class Scheduler:
                 exc = NoWorkerError(ts.key, timeout,
                                     sorted(ts.restrictions) if ts.restrictions else None)
                 self._set_erred(ts, serialize(exc), str(exc) + "\n")
+
+    def _killed(self, ts: TaskState, ws: WorkerState) -> None:
+        """``ts`` saw too many of its workers die (the last was ``ws``): it errs."""
+        exc = KilledWorker(ts.key, ws.address, ts.suspicious)
+        self._set_erred(ts, serialize(exc), str(exc) + "\n")
+        if self.history is not None:
+            self.history.event("task-erred", str(exc))
 
     def _unschedule(self, ts: TaskState) -> None:
         """Take a waiting/queued/processing task back to released (cancelling it on its worker)."""
@@ -1259,10 +1321,18 @@ class Scheduler:
         return {ws.address: ws.nthreads for ws in self.workers.values()}
 
     def worker_info(self, now: float) -> dict:
-        """worker address -> name, threads, pid, running and held counts."""
+        """worker address -> name, threads, pid, running and held counts, memory figures.
+
+        ``memory_managed`` (bytes of results in memory), ``memory_spilled``
+        (bytes of results on disk), ``memory_unmanaged`` (RSS minus managed)
+        and ``paused`` are what the worker last reported.
+        """
         return {ws.address: {"name": ws.name, "nthreads": ws.nthreads, "pid": ws.pid,
                              "processing": len(ws.processing), "keys": len(ws.has_what),
-                             "nbytes": ws.nbytes, "last_seen": now - ws.last_seen}
+                             "nbytes": ws.nbytes, "last_seen": now - ws.last_seen,
+                             "memory_managed": ws.managed, "memory_spilled": ws.spilled,
+                             "memory_unmanaged": ws.unmanaged, "paused": ws.paused,
+                             "memory_limit": ws.memory_limit, "spill_error": ws.spill_error}
                 for ws in self.workers.values()}
 
     def info(self) -> dict:
@@ -1272,3 +1342,8 @@ class Scheduler:
             states[ts.state] = states.get(ts.state, 0) + 1
         return {"tasks": states, "ntasks": len(self.tasks), "workers": len(self.workers),
                 "clients": len(self.clients), "queued": len(self.queued)}
+
+
+def _last_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[-1][:300] if lines else "no traceback"

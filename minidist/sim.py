@@ -831,7 +831,7 @@ def check_invariants(sim: Simulation) -> None:
     for ws in workers.values():  # the placement indexes find every candidate
         if ws.has_slot() and ws not in valid_free:
             fail(f"{ws.address} has a free slot but is not among the free workers")
-        if len(ws.pending) > ws.capacity and ws not in sched._backlogged:
+        if ws.backlogged() and ws not in sched._backlogged:
             fail(f"{ws.address} has a backlog but is not among the backlogged")
         since = ws.stalled_since()
         if since is not None:

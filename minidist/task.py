@@ -27,7 +27,9 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import importlib
+import linecache
 import logging
+import re
 import sys
 import threading
 import traceback
@@ -35,7 +37,7 @@ import types
 import weakref
 from typing import Any, Callable
 
-from .wire import Serialized, deserialize, pickled_by_value, serialize
+from .wire import Serialized, deserialize, pickled_by_value, serialize, shipped_source
 
 logger = logging.getLogger("minidist.task")
 
@@ -378,8 +380,41 @@ def pack_exception(exc: BaseException) -> tuple[Serialized, str]:
     return blob, tb
 
 
+_FRAME_LINE = re.compile(r'^( *)File "(.+)", line (\d+), in ')
+
+
+def fill_source_lines(tb: str) -> str:
+    """Add the source lines a remote traceback lacks, from this process's copy of its files.
+
+    A worker on another host cannot read the files of functions shipped to
+    it by value, so its traceback names file and line but shows no code.
+    The client can: from the lines it remembered when it shipped the code
+    (``wire.shipped_source``), else from the file itself.
+    """
+    lines = tb.splitlines(keepends=True)
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        match = _FRAME_LINE.match(line)
+        if match is None:
+            continue
+        indent, filename, lineno = match.group(1), match.group(2), int(match.group(3))
+        body = indent + "  "
+        if i + 1 < len(lines) and lines[i + 1].startswith(body):
+            continue  # the worker could read the line itself
+        source = shipped_source(filename) or linecache.getlines(filename)
+        if 0 < lineno <= len(source) and source[lineno - 1].strip():
+            out.append(f"{body}{source[lineno - 1].strip()}\n")
+    return "".join(out)
+
+
 def unpack_exception(blob: Serialized, tb: str) -> BaseException:
-    """Rebuild a task's exception with the remote traceback as its ``__cause__``."""
+    """Rebuild a task's exception with the remote traceback as its ``__cause__``.
+
+    Source lines the worker could not read are filled in from here
+    (``fill_source_lines``).
+    """
+    tb = fill_source_lines(tb)
     try:
         exc = deserialize(blob)
         if not isinstance(exc, BaseException):
@@ -401,31 +436,6 @@ def _last_exception_text(tb: str) -> str:
     while start < len(lines) and lines[start].startswith("    "):
         start += 1
     return "\n".join(lines[start:]) or "unknown error"
-
-
-def sizeof(obj: Any) -> int:
-    """A cheap estimate of the bytes an object holds (for scheduling decisions)."""
-    try:
-        nbytes = obj.nbytes
-        if isinstance(nbytes, int):
-            return nbytes
-    except Exception:
-        pass
-    typ = type(obj)
-    if typ in (bytes, bytearray, str):
-        return len(obj)
-    if typ in (list, tuple, set) and obj:
-        sample = list(obj)[:10] if typ is set else obj[:10]
-        return sys.getsizeof(obj) + sum(sizeof(x) for x in sample) * len(obj) // len(sample)
-    if typ is dict and obj:
-        return sys.getsizeof(obj) + sum(sizeof(v) for v in list(obj.values())[:10]) \
-            * len(obj) // min(len(obj), 10)
-    if hasattr(obj, "memory_usage"):  # pandas DataFrame
-        try:
-            return int(obj.memory_usage(deep=False).sum())
-        except Exception:
-            pass
-    return sys.getsizeof(obj)
 
 
 def key_name(key: Any) -> str:

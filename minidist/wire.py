@@ -19,7 +19,9 @@ pickle.  On the wire a message is::
 
 Lengths are checked against ``max_frame_bytes`` before anything is
 allocated.  Frames are sent with ``sendmsg`` (no concatenation) and read
-into preallocated memory.
+into preallocated memory.  What plain pickle cannot carry goes through
+cloudpickle, with one change: code pickled by value keeps its file name
+(and the sender remembers the source lines), so tracebacks show source.
 
 Before any frame is read, both ends run a handshake made only of fixed-size
 fields (nothing is unpickled): the client sends ``MAGIC``, a version and a
@@ -39,19 +41,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
+import linecache
 import logging
 import mmap
 import os
 import pickle
 import secrets
+import select
 import socket
 import socketserver
 import struct
 import sys
 import threading
 import time
+import types
 import weakref
-from collections import defaultdict
+from collections import ChainMap, defaultdict
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 if TYPE_CHECKING:
@@ -126,6 +132,49 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
 def format_address(host: str, port: int) -> str:
     """The canonical ``"host:port"`` form used as a worker's identity."""
     return f"{host}:{port}"
+
+
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "", "::"})
+
+
+def reachable_host(bound: str = "0.0.0.0") -> str:
+    """The host other machines should dial to reach a server bound to ``bound``.
+
+    A specific interface is its own answer.  For a wildcard bind it is the
+    host's primary routable address: the source address the kernel picks
+    for a route to the outside (a UDP ``connect`` sends nothing), or, with
+    no default route, for the first network in the routing table; failing
+    that, the address of the host name if it is not loopback; else 127.0.0.1.
+    """
+    if bound not in WILDCARD_HOSTS:
+        return bound
+    for target in _route_probes():
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((target, 9))
+                host = s.getsockname()[0]
+        except OSError:
+            continue
+        if not host.startswith("127."):
+            return host
+    try:
+        host = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        host = ""
+    return host if host and not host.startswith("127.") else "127.0.0.1"
+
+
+def _route_probes() -> Iterable[str]:
+    """Destinations whose route reveals a routable source address, best first."""
+    yield "192.0.2.1"  # TEST-NET-1 (RFC 5737): reached only through a default route
+    try:
+        with open("/proc/net/route") as f:  # Linux: this network namespace's IPv4 routes
+            rows = [line.split() for line in f.read().splitlines()[1:]]
+    except OSError:
+        return
+    for row in rows:
+        if len(row) > 7 and row[0] != "lo" and int(row[1], 16):
+            yield socket.inet_ntoa(struct.pack("=I", int(row[1], 16)))
 
 
 def resolve_auth_key(auth_key: bytes | str | None = None,
@@ -237,6 +286,86 @@ def _oob(buffers: list) -> Callable[[pickle.PickleBuffer], bool]:
     return callback
 
 
+# ---------------------------------------------------------------------------
+# Code shipped by value keeps its file name
+
+_CODE_MARK = "<minidist-code>"
+"""Stands in for a code object's file name inside cloudpickle's own reduction of it."""
+
+SHIPPED_SOURCE_FILES = 64
+"""Source files remembered by ``shipped_source`` (the oldest is dropped first)."""
+_shipped_sources: dict[str, list[str]] = {}
+_shipped_sources_lock = threading.Lock()
+
+
+def _code_with_filename(code: types.CodeType, filename: str) -> types.CodeType:
+    return code.replace(co_filename=filename)
+
+
+def _remember_source(filename: str) -> None:
+    if filename in _shipped_sources:
+        return
+    lines = linecache.getlines(filename)
+    if lines:
+        with _shipped_sources_lock:
+            if len(_shipped_sources) >= SHIPPED_SOURCE_FILES:
+                del _shipped_sources[next(iter(_shipped_sources))]
+            _shipped_sources[filename] = lines
+
+
+def shipped_source(filename: str) -> list[str]:
+    """The lines of a source file whose code this process shipped by value, as they were then.
+
+    Empty when none was shipped from ``filename`` (or it could not be read).
+    """
+    return _shipped_sources.get(filename, [])
+
+
+_pickler_class: type | None = None
+
+
+def _cloudpickler() -> type:
+    """cloudpickle's Pickler, but code objects keep their real ``co_filename``.
+
+    cloudpickle 3.1 and later replace it with ``"<dynamic-code>"`` (so that
+    the bytes do not depend on where a function was defined); a traceback on
+    the worker then has no file to read its source lines from, and neither
+    has the client.  Here the file name travels beside cloudpickle's own
+    reduction of the code (made with a fixed placeholder name, so the bytes
+    are as deterministic as cloudpickle makes them), and the code is renamed
+    back when unpickled.  The source lines are remembered when the code is
+    pickled, for the client to fill in a remote traceback (see
+    ``shipped_source``).
+    """
+    global _pickler_class
+    if _pickler_class is None:
+        import cloudpickle
+        base_table = cloudpickle.Pickler.dispatch_table
+        reduce_code_by_value = base_table[types.CodeType]
+
+        def reduce_code(code: types.CodeType) -> Any:
+            filename = code.co_filename
+            if filename == _CODE_MARK:
+                return reduce_code_by_value(code)
+            _remember_source(filename)
+            # A fresh copy of the name: pickle's memo never makes the bytes depend on
+            # which code objects happened to share one string object.
+            return _code_with_filename, (code.replace(co_filename=_CODE_MARK), "".join(filename))
+
+        class Pickler(cloudpickle.Pickler):
+            dispatch_table = ChainMap({types.CodeType: reduce_code}, base_table)
+
+        _pickler_class = Pickler
+    return _pickler_class
+
+
+def _cloudpickle_dumps(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool]) -> bytes:
+    """``cloudpickle.dumps`` with protocol 5, keeping code objects' file names."""
+    f = io.BytesIO()
+    _cloudpickler()(f, protocol=5, buffer_callback=buffer_callback).dump(obj)
+    return f.getvalue()
+
+
 def dumps(obj: Any) -> list:
     """Pickle ``obj`` into frames: the pickle, then its out-of-band buffers.
 
@@ -247,9 +376,8 @@ def dumps(obj: Any) -> list:
     try:
         head = pickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
     except Exception:
-        import cloudpickle
         buffers = []
-        head = cloudpickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
+        head = _cloudpickle_dumps(obj, _oob(buffers))
     return [head, *buffers]
 
 
@@ -347,10 +475,9 @@ def serialize(obj: Any) -> Serialized:
         if _needs_by_value(header):
             raise pickle.PicklingError("refers to code that must travel by value")
     except Exception:
-        import cloudpickle
         buffers = []
         try:
-            header = cloudpickle.dumps(obj, protocol=5, buffer_callback=_oob(buffers))
+            header = _cloudpickle_dumps(obj, _oob(buffers))
         except Exception as e:
             raise SerializationError(f"cannot serialize {type(obj).__qualname__!s} object: "
                                      f"{e}") from e
@@ -385,14 +512,16 @@ def frame_views(frames: list) -> list[memoryview]:
 
 
 def _is_tls(sock: socket.socket) -> bool:
-    ssl = sys.modules.get("ssl")
-    return ssl is not None and isinstance(sock, ssl.SSLSocket)
+    # ``ssl`` may be half imported by another thread (http.server, say): then no
+    # TLS socket exists yet, and its attributes may not either.
+    tls_socket = getattr(sys.modules.get("ssl"), "SSLSocket", None)
+    return tls_socket is not None and isinstance(sock, tls_socket)
 
 
 def _tls_errors() -> tuple[type[BaseException], ...]:
     """What an ``except`` clause catches for TLS failures (nothing before ``ssl`` is loaded)."""
-    ssl = sys.modules.get("ssl")
-    return (ssl.SSLError,) if ssl is not None else ()
+    error = getattr(sys.modules.get("ssl"), "SSLError", None)
+    return (error,) if error is not None else ()
 
 
 def write_views(sock: socket.socket, views: list, blocking: bool = True) -> list:
@@ -575,7 +704,12 @@ def answer_challenge(sock: socket.socket, key: bytes | None, peer: str) -> None:
 
 
 class Connection:
-    """A blocking, authenticated message connection.  ``send`` is thread-safe."""
+    """A blocking, authenticated message connection.  ``send`` is thread-safe.
+
+    ``quiet_since()`` tells how long a thread has been waiting in ``recv``
+    with no message arriving: the peer's silence as the network shows it,
+    however busy the reading process is with what it already read.
+    """
 
     def __init__(self, sock: socket.socket, peer: str,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
@@ -585,6 +719,7 @@ class Connection:
         self._rfile = sock.makefile("rb", buffering=1 << 16)
         self._send_lock = threading.Lock()
         self.closed = False
+        self._waiting_since: float | None = None  # a thread waits in recv() since then
 
     def send(self, obj: Any) -> None:
         """Send one message; raises ConnectionError when the peer is gone."""
@@ -615,6 +750,7 @@ class Connection:
 
     def recv(self) -> Any:
         """Receive one message; raises ConnectionError on EOF, ProtocolError on garbage."""
+        self._waiting_since = time.monotonic()
         try:
             frames = read_frames(self._rfile, self.max_frame_bytes)
         except (OSError, ValueError) as e:
@@ -625,11 +761,52 @@ class Connection:
         except struct.error as e:
             self.close()
             raise ProtocolError(f"truncated header from {self.peer}") from e
+        finally:
+            self._waiting_since = None
         try:
             return loads(frames)
         except Exception as e:
             self.close()
             raise ProtocolError(f"undecodable message from {self.peer}: {e!r}") from e
+
+    def write(self, msg: Any) -> None:
+        """Send one message (the seeds' name for ``send``)."""
+        self.send(msg)
+
+    def read(self) -> Any:
+        """Receive one message; an error reply from a server's handler raises RemoteError.
+
+        The seeds' name for ``recv``, for a connection to a ``Server``: an
+        operation that failed or that the server does not have is an error
+        here, and the connection stays usable.
+        """
+        msg = self.recv()
+        if isinstance(msg, _ErrorReply):
+            raise RemoteError(msg.text)
+        return msg
+
+    def quiet_since(self) -> float:
+        """Since when (monotonic) a reader has waited in ``recv`` with nothing arriving.
+
+        Now when no thread is waiting (the reader is busy with the last
+        message, or nobody reads): only time spent waiting for bytes that
+        do not come counts as the peer's silence.
+        """
+        since = self._waiting_since
+        return time.monotonic() if since is None else since
+
+    def input_waiting(self) -> bool:
+        """Are there bytes from the peer that no one has read yet?  Never blocks."""
+        if self.closed:
+            return False
+        try:
+            if _is_tls(self.sock) and self.sock.pending():
+                return True
+            poller = select.poll()  # no limit on descriptor numbers, unlike select()
+            poller.register(self.sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):  # closed meanwhile
+            return False
 
     def request(self, msg: Any) -> Any:
         """Send ``msg`` and return the reply (no other thread may read this connection)."""
@@ -779,16 +956,39 @@ class ConnectionPool:
 
 
 class rpc:
-    """``rpc(addr).get_data(keys=[...])`` sends ``{"op": "get_data", ...}`` and returns the reply."""
+    """``rpc(addr).get_data(keys=[...])`` sends ``{"op": "get_data", ...}`` and returns the reply.
 
-    def __init__(self, address: str, pool: ConnectionPool | None = None) -> None:
+    Calls from many threads at once each get a connection of their own from
+    the pool (idle ones are reused).  A handler that raises, or an operation
+    the server does not have, raises ``RemoteError`` in the caller and
+    leaves the connection usable.  ``with rpc(addr) as r:`` closes the
+    connections it opened (only ``close`` cannot be called as an operation).
+    """
+
+    def __init__(self, address: str | tuple[str, int], pool: ConnectionPool | None = None, *,
+                 security: Security | None = None, timeout: float = 10.0) -> None:
         self.address = format_address(*parse_address(address))
-        self.pool = pool or ConnectionPool()
+        self._own_pool = pool is None
+        self.pool = pool or ConnectionPool(security, timeout=timeout)
 
     def __getattr__(self, op: str) -> Callable[..., Any]:
         if op.startswith("_"):
             raise AttributeError(op)
         return lambda **kwargs: self.pool.call(self.address, op, **kwargs)
+
+    def close(self) -> None:
+        """Close the idle connections of a pool this rpc made itself (a shared one stays)."""
+        if self._own_pool:
+            self.pool.close()
+
+    def __enter__(self) -> rpc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<rpc to {self.address}>"
 
 
 # ---------------------------------------------------------------------------
@@ -976,9 +1176,13 @@ class Server:
 
     Each connection gets a thread; each message ``{"op": name, **kwargs}``
     calls ``handlers[name](conn, **kwargs)`` and sends back its return value.
-    A handler that returns ``NO_REPLY`` has answered itself or has taken the
-    connection over as a stream.  Bad bytes, failed handshakes and unknown
-    ops close that one connection with a log line; the server keeps serving.
+    A handler may also ``conn.write`` as many messages as it likes (a
+    stream); one that returns ``NO_REPLY`` has answered itself or has taken
+    the connection over.  A handler that raises, or an op the table does not
+    have, gets an error reply (``RemoteError`` at the caller) and the
+    connection stays open.  Bad bytes, failed handshakes and messages that
+    are not operations close that one connection with a log line; the
+    server keeps serving.
     """
 
     def __init__(self, handlers: dict[str, Callable[..., Any]], *,
@@ -993,23 +1197,54 @@ class Server:
         self._conns: set[Connection] = set()
         self._conns_lock = threading.Lock()
 
-    def listen(self, host: str = "127.0.0.1", port: int = 0,
+    def listen(self, host: str | int | None = None, port: int | None = None,
                sock: socket.socket | None = None) -> tuple[str, int]:
         """Bind and start serving in a background thread; returns the bound address.
 
+        Either ``host`` and ``port``, or, as in the seeds, one address as
+        ``host``: a port (``8888`` or ``"8888"``), ``":8888"``,
+        ``"tcp://host:8888"`` or ``"tcp://:8888"``.  Without a host it binds
+        127.0.0.1, or every interface when this server has an auth key.
+        Port 0 (the default) picks a free port; ``.port`` tells which.
         ``sock``, a socket already bound and listening, is served instead of
-        binding ``host:port``: connections it queued before are served too.
+        binding: connections it queued before are served too.
         """
-        self._tcp = _TCPServer((host, port), self, sock)
+        if port is None and sock is None:
+            host, port = self._bind_address(host)
+            warn_if_exposed(host, self.security, self.name)
+        self._tcp = _TCPServer(("127.0.0.1" if host is None else host, port or 0), self, sock)
         self._thread = threading.Thread(target=self._tcp.serve_forever,
                                         kwargs={"poll_interval": 0.05},
                                         name=f"{self.name}-accept", daemon=True)
         self._thread.start()
         return self._tcp.server_address[:2]
 
+    def _bind_address(self, address: str | int | None) -> tuple[str, int]:
+        """``(host, port)`` to bind for the address forms ``listen`` takes."""
+        default = "127.0.0.1" if self.security.auth_key is None else "0.0.0.0"
+        if address is None:
+            return "127.0.0.1", 0
+        if isinstance(address, int):
+            return default, address
+        text = str(address).strip()
+        for prefix in ("tcp://", "tls://"):
+            if text.startswith(prefix):
+                text = text[len(prefix):]
+        if text.isdigit():
+            return default, int(text)
+        host, sep, port = text.rpartition(":")
+        if not sep or (host.count(":") and not host.startswith("[")):
+            return text, 0  # a host alone (IPv6 included): any free port
+        try:
+            return host.strip("[]") or default, int(port)
+        except ValueError:
+            raise ValueError(f"not an address to listen on: {address!r} (expected a port, "
+                             "':port', 'tcp://host:port' or 'tcp://:port')") from None
+
     @property
     def port(self) -> int:
-        assert self._tcp is not None
+        """The port this server is bound to (the one picked, after ``listen(0)``)."""
+        assert self._tcp is not None, "listen() first"
         return self._tcp.server_address[1]
 
     def _serve_connection(self, sock: socket.socket, client_address: Any) -> None:
@@ -1045,20 +1280,24 @@ class Server:
                 return
             except ConnectionError:
                 return
-            try:
-                op = msg.pop("op")
-                handler = self.handlers[op]
-            except (AttributeError, KeyError, TypeError):
+            op = msg.pop("op", None) if type(msg) is dict else None
+            if type(op) is not str:
                 logger.warning("%s: dropped connection from %s: not an operation: %.200r",
                                self.name, conn.peer, msg)
                 return
-            try:
-                reply = handler(conn, **msg)
-            except ConnectionError:
-                return
-            except Exception as e:
-                logger.exception("%s: operation %r from %s failed", self.name, op, conn.peer)
-                reply = _ErrorReply(f"{type(e).__name__}: {e}")
+            handler = self.handlers.get(op)
+            if handler is None:
+                logger.warning("%s: unknown operation %.100r from %s", self.name, op, conn.peer)
+                reply = _ErrorReply(f"unknown operation {op[:100]!r}: {self.name} has "
+                                    f"{', '.join(sorted(self.handlers))}")
+            else:
+                try:
+                    reply = handler(conn, **msg)
+                except ConnectionError:
+                    return
+                except Exception as e:
+                    logger.exception("%s: operation %r from %s failed", self.name, op, conn.peer)
+                    reply = _ErrorReply(f"{type(e).__name__}: {e}")
             if reply is NO_REPLY:
                 if conn.closed:
                     return

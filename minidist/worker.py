@@ -28,12 +28,23 @@ Life of one task, ``compute(key, spec, who_has)`` from the center:
    calls the function.  The result stays in ``data``; the center hears
    ``task_finished`` with its size (and, for a small builtin or numpy
    result, its pickle, which the center passes on to waiting clients),
-   or ``task_erred`` with the pickled exception and the traceback text.
+   or ``task_erred`` with the pickled exception and the traceback text;
+   either carries ``run``, the run's ``(start, stop, thread)`` (wall-clock
+   seconds and the task thread's number), for the center's task stream.
 4. Clients and peers fetch the value with ``get_data`` when they need it;
    the center sends ``delete_data`` when nobody needs it any more.
 
 If the center connection breaks, the worker keeps its data and dials
 again with backoff; on registering it reports every key it holds.
+
+Memory (``memory.py``): ``data`` is a ``SpillBuffer``, which moves least
+recently used keys to files in the worker's local directory when the
+memory limit's target is passed and reads them back when a task, peer or
+client asks for them; ``get_data`` sends a spilled key's file frames as
+they are.  A ``MemoryManager`` watches the RSS: above the pause
+threshold the task threads start nothing new (the center hears
+``memory`` with ``paused`` and sends no more work) until it drops, and
+an idle worker trims freed memory.
 """
 
 from __future__ import annotations
@@ -52,8 +63,10 @@ from typing import Any
 
 from . import wire
 from .cli import add_common_args, run_until_signalled, start_process
-from .task import RunSpec, pack_exception, run, sizeof
-from .wire import NO_REPLY, BatchedSender, Connection, ConnectionPool, Security
+from .memory import (MemoryManager, SpillBuffer, SpillError, make_local_directory,
+                     parse_memory_limit, remove_local_directory, sizeof, tune_allocator)
+from .task import RunSpec, pack_exception, run
+from .wire import BatchedSender, Connection, ConnectionPool, Security
 
 logger = logging.getLogger("minidist.worker")
 
@@ -102,7 +115,8 @@ class Worker:
 
     def __init__(self, center_address: str, *, nthreads: int = 1, name: str | None = None,
                  security: Security | None = None, contact_address: str | None = None,
-                 heartbeat_interval: float = 1.0, death_timeout: float | None = None) -> None:
+                 heartbeat_interval: float = 1.0, death_timeout: float | None = None,
+                 memory_limit: int | None = None, local_directory: str | None = None) -> None:
         self.center_address = wire.format_address(*wire.parse_address(center_address))
         self.nthreads = max(1, int(nthreads))
         self.name = name
@@ -111,9 +125,15 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         self.death_timeout = death_timeout
         self.address = ""
-        self.data: dict[Any, Any] = {}
+        self.memory_limit = memory_limit or None
+        self.local_directory_parent = local_directory
+        self.local_directory = ""  # made by start(), removed by stop()
+        self.data = SpillBuffer()
         self.nbytes: dict[Any, int] = {}
         self.executed = 0
+        self._running: dict[_TaskItem, None] = {}  # tasks executing now
+        self.memory = MemoryManager(self.data, self.memory_limit, is_idle=self._is_idle,
+                                    activity=lambda: self.executed, report=self._send)
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: dict[Any, _TaskItem] = {}  # received, not started: what a cancel stops
         self._waiting_lock = threading.Lock()  # a task is either started or taken back, not both
@@ -151,9 +171,23 @@ class Worker:
         """Serve on ``host:port``, register with the center and start the task threads."""
         wire.warn_if_exposed(host, self.security, "worker")
         self._bind_host = host
-        self.server.listen(host, port)
+        try:
+            self.local_directory = self.data.directory = \
+                make_local_directory(self.local_directory_parent)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot create a local directory in "
+                          f"{self.local_directory_parent or 'the temporary directory'}: "
+                          f"{e.strerror or e}") from e
+        tune_allocator()
+        try:
+            self.server.listen(host, port)
+        except OSError:
+            remove_local_directory(self.local_directory)
+            raise
+        self.memory.start()
         for i in range(self.nthreads):
-            threading.Thread(target=self._task_loop, name=f"task-{i}", daemon=True).start()
+            threading.Thread(target=self._task_loop, args=(i,), name=f"task-{i}",
+                             daemon=True).start()
         threading.Thread(target=self._center_loop, name="center-stream", daemon=True).start()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         deadline = time.monotonic() + timeout
@@ -183,6 +217,10 @@ class Worker:
             self._ready.put(None)
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self._peers.close()
+        self.memory.stop()
+        if self.local_directory:
+            self.data.clear_files()
+            remove_local_directory(self.local_directory)
 
     # ------------------------------------------------------------------ center stream
 
@@ -224,10 +262,8 @@ class Worker:
     def _register(self) -> Connection:
         conn = wire.connect(self.center_address, security=self.security)
         if not self.address:
-            host, port = self._bind_host, self.server.port
-            if host in ("0.0.0.0", "", "::"):
-                host = conn.sock.getsockname()[0]
-            self.address = self.contact_address or wire.format_address(host, port)
+            self.address = self.contact_address or wire.format_address(
+                self._reachable_host(conn), self.server.port)
         held = dict(self.nbytes)
         conn.send({"op": "register_worker", "address": self.address,
                    "nthreads": self.nthreads, "name": self.name or self.address,
@@ -243,6 +279,7 @@ class Worker:
         self._conn = conn
         self._sender = BatchedSender(conn, name="worker->center")
         self._registered.set()
+        self.memory.resend()
         # A task that finished while no stream was up could not say so: report it now.
         late = {k: n for k, n in list(self.nbytes.items()) if k not in held}
         if late:
@@ -250,6 +287,14 @@ class Worker:
         for msg in batch[1:]:
             self._dispatch(msg)
         return conn
+
+    def _reachable_host(self, conn: Connection) -> str:
+        """The host to advertise: the bound interface, or with a wildcard bind the local end
+        of the route to the center (the host's routable address if that is loopback)."""
+        if self._bind_host not in wire.WILDCARD_HOSTS:
+            return self._bind_host
+        host = conn.sock.getsockname()[0]
+        return wire.reachable_host() if host.startswith("127.") else host
 
     def _serve_center(self, conn: Connection) -> None:
         while True:
@@ -313,7 +358,7 @@ class Worker:
 
     def _on_delete_data(self, keys: list) -> None:
         for key in keys:
-            self.data.pop(key, None)
+            self.data.discard(key)
             self.nbytes.pop(key, None)
 
     def _on_cancel(self, key: Any) -> None:
@@ -379,8 +424,8 @@ class Worker:
             if dep in got:
                 value = got[dep]
                 if dep not in self.data:
-                    self.data[dep] = value
-                    self.nbytes[dep] = added[dep] = sizeof(value)
+                    nbytes = self.nbytes[dep] = added[dep] = sizeof(value)
+                    self.data.put(dep, value, nbytes)
                 fut.set_result(None)
             elif dep in errors:
                 fut.set_exception(_InputError(dep, holders, errors[dep]))
@@ -421,33 +466,49 @@ class Worker:
 
     # ------------------------------------------------------------------ running tasks
 
-    def _task_loop(self) -> None:
+    def _task_loop(self, thread: int) -> None:
+        memory = self.memory
+        unpaused = memory.unpaused
         while True:
             item = self._ready.get()
             if item is None:
                 return
+            memory.before_task()
+            if not unpaused.is_set():  # paused for memory: start nothing until it drops
+                unpaused.wait()
             if self._take_waiting(item):
-                self._execute(item)
+                self._running[item] = None
+                try:
+                    self._execute(item, thread)
+                finally:
+                    del self._running[item]
 
-    def _execute(self, item: _TaskItem) -> None:
+    def _is_idle(self) -> bool:
+        return not self._running and not self._waiting
+
+    def _execute(self, item: _TaskItem, thread: int = 0) -> None:
+        """Run one task on task thread number ``thread``; report it with its run times."""
         key = item.key
-        start = time.perf_counter()
+        start = time.time()
         try:
             result = run(item.spec, self.data)
         except BaseException as e:  # a task must never take a worker thread down
             blob, tb = pack_exception(e)
-            self._send({"op": "task_erred", "key": key, "exception": blob, "traceback": tb})
+            self._send({"op": "task_erred", "key": key, "exception": blob, "traceback": tb,
+                        "run": (start, time.time(), thread)})
             return
         finally:
             self.executed += 1
-        self.data[key] = result
+        stop = time.time()
         nbytes = self.nbytes[key] = sizeof(result)
-        msg = {"op": "task_finished", "key": key, "nbytes": nbytes,
-               "duration": time.perf_counter() - start}
+        self.data.put(key, result, nbytes)
+        msg = {"op": "task_finished", "key": key, "nbytes": nbytes, "duration": stop - start,
+               "run": (start, stop, thread)}
         value = _small_value(result, nbytes)
         if value is not None:
             msg["value"] = value
         self._send(msg)
+        self.memory.after_put()
 
     # ------------------------------------------------------------------ peer / client ops
 
@@ -455,9 +516,15 @@ class Worker:
         data, errors, missing = {}, {}, []
         for key in keys:
             try:
-                value = self.data[key]
+                in_memory, value = self.data.serialized(key)
             except KeyError:
                 missing.append(key)
+                continue
+            except SpillError:  # logged; the key is lost here
+                missing.append(key)
+                continue
+            if not in_memory:  # a spilled key: its file's frames, as they are
+                data[key] = value
                 continue
             try:
                 data[key] = wire.serialize(value)
@@ -475,8 +542,8 @@ class Worker:
         nbytes = {}
         for key, blob in data.items():
             value = wire.deserialize(blob)
-            self.data[key] = value
             nbytes[key] = self.nbytes[key] = sizeof(value)
+            self.data.put(key, value, nbytes[key])
         return nbytes
 
     def _delete_data(self, conn: Connection, keys: list) -> None:
@@ -503,6 +570,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="exit when the center is unreachable this many seconds")
     parser.add_argument("--nworkers", type=int, default=1,
                         help="worker processes to start, each on its own port (default 1)")
+    parser.add_argument("--memory-limit", default="auto", metavar="LIMIT",
+                        help="memory per worker: bytes, '4GB', '512MiB', a fraction of the "
+                             "machine (0.25), 'auto' (the machine's memory / --nworkers) or "
+                             "'none'; spill at 60%%, pause at 80%%, restart at 95%% "
+                             "(default auto)")
+    parser.add_argument("--local-directory", default=None, metavar="DIR",
+                        help="where spilled data goes: a fresh directory inside DIR, removed "
+                             "when the worker stops (default: the temporary directory)")
     parser.add_argument("--no-nanny", action="store_true",
                         help="run the worker in this process, without a nanny to restart it")
     parser.add_argument("--ready-fd", type=int, default=None,
@@ -511,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.nworkers < 1:
         parser.error("--nworkers must be at least 1")
+    try:
+        args.memory_limit_bytes = parse_memory_limit(args.memory_limit, args.nworkers)
+    except ValueError as e:
+        parser.error(str(e))
     if not args.no_nanny:
         if args.nworkers > 1 and args.contact_address:
             parser.error("--contact-address names one worker; it cannot go with --nworkers")
@@ -525,7 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(args.center, nthreads=args.nthreads, name=args.name, security=security,
                     contact_address=args.contact_address,
                     heartbeat_interval=args.heartbeat_interval,
-                    death_timeout=args.death_timeout)
+                    death_timeout=args.death_timeout,
+                    memory_limit=args.memory_limit_bytes,
+                    local_directory=args.local_directory)
     try:
         address = worker.start(host, args.port,
                                timeout=args.death_timeout or float("inf"))

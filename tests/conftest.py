@@ -44,6 +44,15 @@ def marked_pids(mark: str = SESSION_MARK) -> list[int]:
     return found
 
 
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
              message: str = "condition") -> object:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""

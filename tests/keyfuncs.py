@@ -9,3 +9,8 @@ Tests register this module with cloudpickle so it travels by value.
 
 def inc(x):
     return x + 1
+
+
+def nested(n):
+    """Holds code objects inside its own (a lambda, a comprehension): each has a file name."""
+    return sum([(lambda v: v * v)(i) for i in range(n)])

@@ -86,7 +86,7 @@ def bad_inputs(rng: random.Random):
     garbage = rng.randbytes(4096)
     not_a_pickle = b"\x00this is not a pickle\xff" * 10
     forty_two = pickle.dumps(42)
-    unknown_op = pickle.dumps({"op": "format_disk"})
+    no_name = pickle.dumps({"op": None, "path": "/"})
     return [
         ("garbage", False, garbage, "bad magic"),
         ("truncated hello", False, wire.MAGIC[:5], "closed during handshake"),
@@ -102,7 +102,7 @@ def bad_inputs(rng: random.Random):
          "undecodable message"),
         ("pickle of a non-operation", True, header(len(forty_two)) + forty_two,
          "not an operation"),
-        ("unknown operation", True, header(len(unknown_op)) + unknown_op, "not an operation"),
+        ("operation without a name", True, header(len(no_name)) + no_name, "not an operation"),
     ]
 
 
@@ -146,6 +146,18 @@ def test_bad_bytes_close_only_that_connection(keyed):
         assert time.monotonic() - t_silent < wire.HANDSHAKE_TIMEOUT + 5
         assert any(f"127.0.0.1:{port}" in ln and "timed out" in ln
                    for ln in proc.log().splitlines())
+
+    # An operation the process does not have is an error for that call only.
+    for address, proc in targets:
+        conn = wire.connect(address, security=wire.Security(KEY))
+        try:
+            conn.write({"op": "format_disk", "path": "/"})
+            with pytest.raises(wire.RemoteError, match="unknown operation 'format_disk'"):
+                conn.read()
+            conn.write({"op": "identity"})
+            assert conn.read()["pid"] == proc.pid
+        finally:
+            conn.close()
 
     # Still up, nothing big was allocated, and the cluster computes right after,
     # on the connection that was open all along and on new ones.

@@ -125,7 +125,8 @@ def test_worker_prints_two_ready_lines_and_computes(spawn):
 
 def test_console_scripts_declared_and_behave_the_same(spawn):
     scripts = entry_points()
-    assert scripts == {"dcenter": "minidist.center:main", "dworker": "minidist.worker:main"}
+    assert scripts == {"dcenter": "minidist.center:main", "dworker": "minidist.worker:main",
+                       "dssh": "minidist.ssh:main"}  # dssh: tests/multihost/test_ssh.py
     procs = []
     try:
         def run(name, *args):

@@ -13,22 +13,13 @@ import pytest
 
 from minidist import Executor, LocalCluster, wire
 
-from conftest import reap, wait_for
+from conftest import alive, reap, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def inc(x):
     return x + 1
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie has exited)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def cmdline(pid: int) -> str:

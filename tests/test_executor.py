@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import gc
+import linecache
 import os
 import re
 import subprocess
@@ -22,7 +23,7 @@ import cloudpickle
 import pytest
 
 from minidist import Client, Executor, Future
-from minidist.task import RemoteTraceback
+from minidist.task import RemoteTraceback, fill_source_lines
 
 import keyfuncs
 from conftest import wait_for
@@ -536,6 +537,7 @@ with Executor({address!r}, auth_key={key!r}) as e:
     print(e.submit(keyfuncs.inc, 1).key)
     print(e.submit(add, 1, 2).key)
     print(e.submit(keyfuncs.inc, 1, pure=False).key)
+    print(e.submit(keyfuncs.nested, 3).key)
 """
 
 
@@ -544,6 +546,8 @@ def test_keys_are_deterministic_across_processes(e, cluster):
     here = [e.submit(keyfuncs.inc, 1).key, e.submit(add, 1, 2).key]
     assert re.fullmatch(rf"inc-{HEX32}", here[0]) and re.fullmatch(rf"add-{HEX32}", here[1])
     assert e.submit(keyfuncs.inc, 1).result(timeout=10) == 2
+    nested = e.submit(keyfuncs.nested, 3)
+    assert nested.result(timeout=10) == 5
     script = KEY_SCRIPT.format(tests=os.path.dirname(__file__), address=cluster.address,
                                key=cluster.auth_key.decode())
     outputs = []
@@ -555,6 +559,7 @@ def test_keys_are_deterministic_across_processes(e, cluster):
     for got in outputs:
         assert got[:2] == here
         assert re.fullmatch(rf"inc-{UUID4}", got[2])
+        assert got[3] == nested.key  # code objects inside code keep their file names too
     assert outputs[0][2] != outputs[1][2]
 
 
@@ -665,6 +670,86 @@ def test_task_error_reraises_original_type_with_remote_traceback(e):
     assert isinstance(tb, str) and "return a / b" in tb
     assert isinstance(f.exception(), ZeroDivisionError)
     assert f.status == "error"
+
+
+def code_file():
+    """The file name of this very code, as the worker sees it."""
+    return sys._getframe().f_code.co_filename
+
+
+def test_functions_shipped_by_value_keep_their_file_name(e):
+    # cloudpickle 3.1 would make it "<dynamic-code>": the worker could read no source line
+    assert e.submit(code_file).result(timeout=10) == code_file.__code__.co_filename == __file__
+
+
+FAILING_SOURCE = """\
+def fails_here(x):
+    y = x * 2
+    raise ValueError(f"bad value {y}")  # the line the traceback must show
+
+
+def fails_inside_lambda(x):
+    return list(map(lambda v: 1 / v, [x]))
+"""
+
+
+def load_source(filename):
+    """Functions compiled from FAILING_SOURCE under ``filename``, in a module no one can import."""
+    namespace = {"__name__": "client_only_code"}
+    exec(compile(FAILING_SOURCE, filename, "exec"), namespace)
+    return namespace
+
+
+def test_traceback_source_lines_for_a_file_the_worker_cannot_read(e, tmp_path):
+    """The file is gone before the task fails: only the client ever read its source."""
+    path = tmp_path / "client_only.py"
+    path.write_text(FAILING_SOURCE)
+    funcs = load_source(str(path))
+    gate = str(tmp_path / "gate")
+    f = e.submit(funcs["fails_here"], e.submit(wait_file, gate, 21))
+    g = e.submit(funcs["fails_inside_lambda"], e.submit(wait_file, gate, 0))
+    path.unlink()  # shipped already; the worker reads source lines only when a task fails
+    open(gate, "w").close()
+    with pytest.raises(ValueError, match="bad value 42") as info:
+        f.result(timeout=10)
+    for text in (f.traceback(), str(info.value.__cause__)):
+        assert f'File "{path}", line 3, in fails_here' in text
+        assert 'raise ValueError(f"bad value {y}")  # the line the traceback must show' in text
+    with pytest.raises(ZeroDivisionError):
+        g.result(timeout=10)
+    assert f'File "{path}", line 7, in <lambda>' in g.traceback()
+    assert "return list(map(lambda v: 1 / v, [x]))" in g.traceback()
+
+
+def test_traceback_source_lines_for_code_that_exists_only_on_the_client(e):
+    """As a notebook cell: the source is in the client's linecache, there is no file at all."""
+    filename = "<client cell 7>"
+    linecache.cache[filename] = (len(FAILING_SOURCE), None,
+                                 FAILING_SOURCE.splitlines(keepends=True), filename)
+    try:
+        funcs = load_source(filename)
+        f = e.submit(funcs["fails_here"], 1)
+        with pytest.raises(ValueError, match="bad value 2"):
+            f.result(timeout=10)
+    finally:
+        del linecache.cache[filename]
+    tb = f.traceback()
+    assert f'File "{filename}", line 3, in fails_here' in tb
+    assert "# the line the traceback must show" in tb
+
+
+def test_fill_source_lines_adds_only_what_is_missing(tmp_path):
+    path = tmp_path / "mod.py"
+    path.write_text("def f():\n    return 1 / 0\n")
+    remote = (f'Traceback (most recent call last):\n'
+              f'  File "/worker/only.py", line 9, in run\n'
+              f'    already_there()\n'
+              f'  File "{path}", line 2, in f\n'
+              f'  File "/nowhere/missing.py", line 1, in g\n'
+              f'ZeroDivisionError: division by zero\n')
+    filled = fill_source_lines(remote)
+    assert filled == remote.replace(f'line 2, in f\n', f'line 2, in f\n    return 1 / 0\n')
+    assert fill_source_lines(filled) == filled
 
 
 def test_custom_exception_class_survives(e):

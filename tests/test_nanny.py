@@ -22,7 +22,7 @@ import pytest
 import minidist
 from minidist import Executor, LocalCluster
 
-from conftest import Proc, wait_for
+from conftest import Proc, alive, wait_for
 
 # --------------------------------------------------------------------------- tasks
 
@@ -65,14 +65,6 @@ def sleep_then(x, seconds):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 class Lines:

@@ -4,7 +4,9 @@ The Executor page (seed 002) and the Client page (seed 003), with
 ``minidist`` in place of ``distributed``.  ``Executor.map`` follows PEP 3148
 here (an iterator of results), so the examples that use the futures
 ``map`` returns run on a ``Client``; those that work as written on an
-Executor run there too.
+Executor run there too.  The foundations page (seed 004): a server built
+from named handlers, talked to with ``connect`` and ``rpc``, with blocking
+calls in place of ``await``.
 """
 
 from __future__ import annotations
@@ -12,14 +14,18 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
+import time
 from glob import glob
 from operator import add
 
 import pytest
 
 from minidist import Client, Executor, Future
+from minidist.core import RemoteError, Server, connect, rpc
 
 from conftest import wait_for
 
@@ -254,3 +260,164 @@ def test_seed003_client_results_stay_until_released(c):
     import gc
     gc.collect()
     wait_for(lambda: key not in c.who_has(), message="released key deleted")
+
+
+# ---------------------------------------------------------------------------
+# Seed 004: the foundations page
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def seed_server():
+    """The seed's server side as written; a free port in place of 8888 (others may hold it)."""
+    port = free_port()
+
+    def add(comm, x=None, y=None):  # simple handler, just a function
+        return x + y
+
+    def stream_data(comm, interval=1):  # complex handler, multiple responses
+        data = 0
+        while True:
+            time.sleep(interval)
+            data += 1
+            comm.write(data)
+
+    s = Server({'add': add, 'stream_data': stream_data})
+    s.listen(f'tcp://:{port}')   # listen on TCP port 8888
+    assert s.port == port
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_seed004_client_side(seed_server):
+    address = f'tcp://127.0.0.1:{seed_server.port}'
+
+    def f():
+        comm = connect(address)
+        comm.write({'op': 'add', 'x': 1, 'y': 2})
+        result = comm.read()
+        comm.close()
+        return result
+
+    assert f() == 3
+
+    def g(n):  # the seed's loop reads forever; three values here, at a shorter interval
+        comm = connect(address)
+        comm.write({'op': 'stream_data', 'interval': 0.01})
+        results = [comm.read() for _ in range(n)]
+        comm.close()
+        return results
+
+    assert g(3) == [1, 2, 3]
+    # The streaming handler notices the closed connection at its next write and ends.
+    wait_for(lambda: not seed_server._conns, 10, message="stream handler ended")
+
+
+def test_seed004_client_side_with_rpc(seed_server):
+    with rpc(f'tcp://127.0.0.1:{seed_server.port}') as r:
+        result = r.add(x=1, y=2)
+    assert result == 3
+
+
+def test_seed004_one_rpc_shared_by_many_threads(seed_server):
+    results = {}
+
+    def work(i):
+        results[i] = [r.add(x=i, y=j) for j in range(50)]
+
+    with rpc(f'tcp://127.0.0.1:{seed_server.port}') as r:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == {i: [i + j for j in range(50)] for i in range(8)}
+        assert 1 <= len(seed_server._conns) <= 8  # pooled, not one connection per call
+    wait_for(lambda: not seed_server._conns, 10, message="connections closed with the rpc")
+
+
+def test_seed004_unknown_op_is_an_error_for_that_call_only(seed_server):
+    with rpc(f'tcp://127.0.0.1:{seed_server.port}') as r:
+        assert r.add(x=1, y=2) == 3
+        with pytest.raises(RemoteError, match="unknown operation 'sub'.*add, stream_data"):
+            r.sub(x=1, y=2)
+        with pytest.raises(RemoteError, match="TypeError"):
+            r.add(x=1)  # the handler raised: an error for this call, too
+        assert r.add(x=2, y=3) == 5
+        assert len(seed_server._conns) == 1  # the same pooled connection served every call
+    comm = connect(f'tcp://127.0.0.1:{seed_server.port}')
+    try:
+        comm.write({'op': 'sub', 'x': 1, 'y': 2})
+        with pytest.raises(RemoteError, match="unknown operation 'sub'"):
+            comm.read()
+        comm.write({'op': 'add', 'x': 1, 'y': 2})
+        assert comm.read() == 3
+    finally:
+        comm.close()
+
+
+@pytest.mark.parametrize("form", ["int", "str", ":port", "tcp://host:port", "tcp://:port"])
+def test_seed004_listen_address_forms(form):
+    port = free_port()
+    address = {"int": port, "str": str(port), ":port": f":{port}",
+               "tcp://host:port": f"tcp://127.0.0.1:{port}", "tcp://:port": f"tcp://:{port}"}
+    s = Server({'add': lambda comm, x=None, y=None: x + y})
+    assert s.listen(address[form]) == ("127.0.0.1", port)  # no auth key: loopback only
+    try:
+        assert s.port == port
+        with rpc(f'127.0.0.1:{port}') as r:
+            assert r.add(x=1, y=2) == 3
+    finally:
+        s.stop()
+
+
+def test_seed004_port_zero_picks_a_port():
+    servers = [Server({'add': lambda comm, x=None, y=None: x + y}) for _ in range(2)]
+    servers[0].listen(0)
+    servers[1].listen('tcp://:0')
+    try:
+        assert servers[0].port != servers[1].port and all(s.port > 0 for s in servers)
+        for s in servers:
+            with rpc(('127.0.0.1', s.port)) as r:
+                assert r.add(x=1, y=2) == 3
+    finally:
+        for s in servers:
+            s.stop()
+    with pytest.raises(ValueError, match="not an address"):
+        Server({}).listen('tcp://:port')
+
+
+def test_seed004_server_keeps_serving_after_garbage(seed_server):
+    address = ('127.0.0.1', seed_server.port)
+    with rpc(address) as r:
+        assert r.add(x=1, y=2) == 3
+        with socket.create_connection(address, timeout=10) as raw:  # not a minidist peer
+            try:
+                raw.sendall(b"GET / HTTP/1.1\r\n\r\n" + bytes(range(256)))
+                raw.shutdown(socket.SHUT_WR)
+                while raw.recv(4096):  # until the server hangs up on it
+                    pass
+            except OSError as e:  # it may have hung up already
+                assert not isinstance(e, TimeoutError)
+        victim = connect(address)
+        victim.sock.sendall(b"\x00\x00\x00\x01" + b"\xff" * 8)  # a frame header 4 EB long
+        victim.sock.settimeout(10)
+        assert victim.sock.recv(100) == b""  # that one connection is closed
+        victim.close()
+        not_an_op = connect(address)
+        not_an_op.write(["not", "an", "operation"])
+        with pytest.raises(ConnectionError):
+            not_an_op.read()
+        not_an_op.close()
+        assert r.add(x=2, y=2) == 4  # the pooled connection is still served
+        fresh = connect(address)
+        fresh.write({'op': 'add', 'x': 3, 'y': 3})
+        assert fresh.read() == 6
+        fresh.close()

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -312,13 +313,29 @@ def test_server_dispatches_ops(server):
         conn.close()
 
 
+def test_unknown_op_is_an_error_reply_and_the_connection_stays(server):
+    conn = wire.connect(server.test_address)
+    try:
+        with pytest.raises(RemoteError, match="unknown operation 'no-such-op': test-server has "
+                                              "add, echo, fail, peer, stream"):
+            conn.request({"op": "no-such-op", "x": 1})
+        assert conn.request({"op": "echo", "x": 1}) == 1
+        conn.write({"op": "no-such-op"})
+        with pytest.raises(RemoteError, match="no-such-op"):
+            conn.read()
+        conn.write({"op": "echo", "x": 2})
+        assert conn.read() == 2
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("bad", [
-    {"op": "no-such-op"},
     {"no": "op"},
+    {"op": ["not", "a", "name"]},
     ["not", "a", "dict"],
     "a string",
 ])
-def test_unknown_op_closes_only_that_connection(server, bad):
+def test_non_operation_closes_only_that_connection(server, bad):
     good = wire.connect(server.test_address)
     victim = wire.connect(server.test_address)
     try:
@@ -431,6 +448,28 @@ def test_rpc_unreachable_address_raises_connection_error():
         port = s.getsockname()[1]
     with pytest.raises(ConnectionError):
         rpc(f"127.0.0.1:{port}", ConnectionPool(timeout=2)).echo(x=1)
+
+
+def test_silence_counts_only_while_a_reader_waits_and_nothing_is_waiting(pair):
+    """What the center's heartbeat check reads: time spent waiting in recv for bytes."""
+    ca, cb = pair
+    assert abs(cb.quiet_since() - time.monotonic()) < 1  # no reader: not silent at all
+    got = []
+    reader = threading.Thread(target=lambda: got.append(cb.recv()))
+    reader.start()
+    wait_for(lambda: cb.quiet_since() < time.monotonic() - 0.05, 10, message="reader waits")
+    since = cb.quiet_since()
+    assert cb.quiet_since() == since  # the clock runs from when the wait began
+    assert not cb.input_waiting()
+    ca.send("news")
+    reader.join(10)
+    assert got == ["news"]
+    assert abs(cb.quiet_since() - time.monotonic()) < 1
+    ca.send("unread")
+    wait_for(cb.input_waiting, 10, message="unread bytes seen")
+    assert cb.recv() == "unread" and not cb.input_waiting()
+    cb.close()
+    assert not cb.input_waiting()
 
 
 # ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import random
 import signal
 import threading
 import time
+from operator import neg
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,46 @@ def test_sigstopped_worker_is_declared_dead_and_cannot_corrupt_state(tmp_path):
             assert where  # every copy the center knows is real:
         for address in e.who_has([slow])[slow.key]:
             assert e._pool.call(address, "get_data", keys=[slow.key])["data"]
+
+
+FLOOD = 150_000
+"""Enough tasks that one ``update_graph`` keeps the center's scheduler busy for longer than
+the heartbeat timeout below (about 1 s here; it removed workers before liveness was
+measured on the stream)."""
+
+
+@pytest.mark.timeout(120)
+def test_busy_center_keeps_live_workers_and_still_drops_a_stopped_one(spawn):
+    """Heartbeats waiting in a busy center's queue keep their workers; a hung worker still goes.
+
+    The center is busy for seconds with one large graph and with releasing
+    it; the workers beat every 0.15 s.  No worker may be removed and the
+    answer must be right.  Then one worker is stopped with SIGSTOP and must
+    be removed within about the heartbeat timeout.
+    """
+    timeout = 0.8
+    center = spawn("center", "--port", "0", "--heartbeat-timeout", str(timeout))
+    workers = [spawn("worker", center.address, "--heartbeat-interval", "0.15")
+               for _ in range(2)]
+    with Client(center.address) as c:
+        futures = c.map(neg, range(FLOOD), pure=False)
+        assert c.submit(sum, futures).result(timeout=100) == -sum(range(FLOOD))
+        del futures
+        wait_for(lambda: c._center("info")["ntasks"] <= 1, 60, message="flood released")
+        assert "removing worker" not in center.log(), center.log()
+        assert sorted(c.nthreads()) == sorted(w.address for w in workers)
+
+        victim = workers[0]
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            wait_for(lambda: victim.address not in c.nthreads(), 15,
+                     message="stopped worker removed")
+            assert time.monotonic() - t0 < timeout + 2  # one check interval and slack for load
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+        assert f"removing worker {victim.address}: no heartbeat" in center.log()
+        assert c.submit(inc, 1, pure=False).result(timeout=20) == 2
 
 
 @pytest.mark.timeout(60)

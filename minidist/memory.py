@@ -1,0 +1,795 @@
+"""A worker's memory: sizes of values, the limit, spilling to disk, pausing, giving back.
+
+Each worker holds its results in a ``SpillBuffer`` (a mapping the worker
+uses as its ``data`` dict) and runs a ``MemoryManager`` beside its task
+threads.  The thresholds are fractions of the worker's memory limit
+(``dworker --memory-limit``), as in dask.distributed::
+
+  managed bytes > TARGET (60%)  --> spill least-recently-used keys until below
+  process RSS  > SPILL (70%)    --> spill LRU keys until RSS < TARGET (or none left)
+  process RSS  > PAUSE (80%)    --> start no new task, tell the center; resume below
+  process RSS  > TERMINATE (95%) --> the nanny kills the worker and starts a new one
+
+The data flow of one key::
+
+  task thread --put(key, value, nbytes)--> fast (dict, LRU order)
+      over the target: the task thread spills before its next task (the producer pays),
+      and the spill thread is woken for data that arrived otherwise (peers, scatter)
+  spilling: pick LRU key -> serialize (protocol 5, buffers out of band) -> write file
+            -> under the lock, if the key still holds that value: move it to slow
+  task thread --data[key]--> fast? value : read file -> unpickle -> back into fast
+  get_data    --serialized(key)--> fast? value : the file's frames as they are (no unpickling)
+
+The lock guards only the two dicts; every read, write and (un)pickling
+happens outside it, so spilling never blocks another thread's access to
+other keys (nor to the key being spilled: it stays in ``fast`` until its
+file is complete).  A key whose file cannot be written (disk full, the
+directory gone) stays in memory; the error is logged, kept in ``error``
+and reported to the center, and spilling is retried after a pause.
+
+Sizes come from ``sizeof``, a ``functools.singledispatch`` function users
+extend with ``minidist.sizeof.register(MyType)(fn)``.  The worker reports
+the same number to the center as the key's ``nbytes``.
+
+Giving memory back: freed memory often stays in glibc's arenas, so the
+worker fixes glibc's mmap threshold at start (large buffers come from and
+go back to the kernel directly) and calls ``malloc_trim(0)`` once it has
+been idle for a moment after doing work.  The nanny's ``terminate_policy``
+enforces the last threshold from outside the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import itertools
+import logging
+import os
+import re
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import MutableMapping
+from typing import Any, Callable, Iterator
+
+from . import wire
+
+logger = logging.getLogger("minidist.memory")
+
+TARGET = 0.60
+"""Managed bytes above this fraction of the limit are spilled, least recently used first."""
+
+SPILL = 0.70
+"""Process RSS above this fraction of the limit spills keys until RSS is below ``TARGET``."""
+
+PAUSE = 0.80
+"""Process RSS above this fraction of the limit pauses the worker: it starts no new task."""
+
+TERMINATE = 0.95
+"""Process RSS above this fraction of the limit makes the nanny kill and restart the worker."""
+
+MONITOR_INTERVAL = 0.1
+"""Seconds between two looks at the process's RSS."""
+
+TASK_CHECK_INTERVAL = 0.005
+"""A task thread reads the RSS before a task at most this often (a read costs about as much
+as a no-op task), so short tasks cannot outrun the monitor by more than this."""
+
+IDLE_TRIM_AFTER = 0.5
+"""Seconds a worker must be idle, after doing work, before freed memory is trimmed."""
+
+REPORT_INTERVAL = 0.5
+"""At most this often the worker tells the center its memory figures (pausing: at once)."""
+
+SPILL_RETRY = 5.0
+"""Seconds before spilling is tried again after a file could not be written."""
+
+MMAP_THRESHOLD = 4 << 20
+"""Allocations at least this large come straight from the kernel and go straight back."""
+
+
+# ---------------------------------------------------------------------- sizes
+
+
+@functools.singledispatch
+def sizeof(obj: Any) -> int:
+    """Bytes held by ``obj``: what a worker counts as managed memory and reports as ``nbytes``.
+
+    numpy arrays count their ``nbytes``, pandas objects their deep memory
+    usage, bytes-likes their length, containers an estimate from a sample
+    of up to 10 items.  Extend it for your own types::
+
+        @minidist.sizeof.register(MyType)
+        def _(obj): return obj.size_in_bytes()
+    """
+    if type(obj).__module__.startswith("pandas"):  # deep: object columns count their items
+        try:
+            total = obj.memory_usage(deep=True)
+            return int(total if isinstance(total, int) else total.sum())
+        except Exception:
+            pass
+    nbytes = getattr(obj, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    try:
+        return sys.getsizeof(obj)
+    except Exception:
+        return 64
+
+
+@sizeof.register(bytes)
+@sizeof.register(bytearray)
+@sizeof.register(str)
+def _sizeof_bytes(obj: Any) -> int:
+    return len(obj)
+
+
+@sizeof.register(memoryview)
+def _sizeof_view(obj: memoryview) -> int:
+    return obj.nbytes
+
+
+_SAMPLE = 10
+
+
+@sizeof.register(list)
+@sizeof.register(tuple)
+@sizeof.register(set)
+@sizeof.register(frozenset)
+def _sizeof_sequence(obj: Any) -> int:
+    if not obj:
+        return sys.getsizeof(obj)
+    sample = obj[:_SAMPLE] if isinstance(obj, (list, tuple)) else \
+        list(itertools.islice(obj, _SAMPLE))
+    return sys.getsizeof(obj) + sum(sizeof(x) for x in sample) * len(obj) // len(sample)
+
+
+@sizeof.register(dict)
+def _sizeof_dict(obj: dict) -> int:
+    if not obj:
+        return sys.getsizeof(obj)
+    sample = list(itertools.islice(obj.items(), _SAMPLE))
+    return sys.getsizeof(obj) + sum(sizeof(k) + sizeof(v) for k, v in sample) \
+        * len(obj) // len(sample)
+
+
+# ---------------------------------------------------------------------- the limit
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process may use: MemTotal, or the cgroup's limit if lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    for path in ("/sys/fs/cgroup/memory.max",                     # cgroup v2
+                 "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v1
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def parse_memory_limit(value: Any, nworkers: int = 1, total: int | None = None) -> int | None:
+    """Bytes from ``4GB``, ``512MiB``, ``1e9``, ``0.25`` (of the machine) or ``auto``; None: off.
+
+    ``auto`` is the machine's memory divided by ``nworkers``; ``0``,
+    ``none`` and None turn the limit off.  Raises ``ValueError`` on
+    anything else.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if text in ("none", "off", "0", ""):
+            return None
+        if text == "auto":
+            return (total or machine_memory()) // max(1, nworkers)
+        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z]*)", text)
+        if not match or match.group(2) not in _UNITS:
+            raise ValueError(f"invalid memory limit {value!r}: expected bytes, a size like "
+                             "'4GB' or '512MiB', a fraction of the machine like 0.25, "
+                             "'auto' or 'none'")
+        number, unit = float(match.group(1)), match.group(2)
+        if not unit and number <= 1:
+            return parse_memory_limit(number, nworkers, total)
+        return int(number * _UNITS[unit]) or None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"invalid memory limit {value!r}")
+    if value < 0:
+        raise ValueError(f"invalid memory limit {value!r}: negative")
+    if value == 0:
+        return None
+    if value <= 1:  # a fraction of the machine
+        return int((total or machine_memory()) * value)
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    """``123.4 MiB``, for log lines."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def process_rss(pid: int | str = "self") -> int:
+    """Resident bytes of a process (``/proc/PID/statm``); 0 if it is gone or unknown."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def terminate_policy(limit: int, fraction: float = TERMINATE) -> Callable[[Any], Any]:
+    """A nanny policy: kill (SIGKILL) a worker whose RSS is above ``fraction`` of ``limit``.
+
+    SIGKILL, not SIGTERM: a worker this full may not manage a clean stop,
+    and its death must count against the task it was running.
+    """
+    threshold = int(limit * fraction)
+
+    def check(child: Any) -> tuple[str, int] | None:
+        rss = process_rss(child.pid)
+        if rss > threshold:
+            return (f"memory use {format_bytes(rss)} is above {fraction:.0%} of its "
+                    f"memory limit {format_bytes(limit)}", signal.SIGKILL)
+        return None
+    check.__qualname__ = f"terminate_policy({limit})"
+    return check
+
+
+# ---------------------------------------------------------------------- the allocator
+
+
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # glibc only (musl has none)
+        libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
+
+
+def tune_allocator() -> bool:
+    """Fix glibc's mmap threshold, so freed large buffers go back to the kernel at once.
+
+    glibc raises its threshold each time such a buffer is freed, after which
+    same-sized buffers come from arenas that rarely shrink.  True if set.
+    """
+    if _LIBC is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    return bool(_LIBC.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+
+
+def trim_memory() -> bool:
+    """Give memory that glibc keeps in its arenas back to the kernel; True if some was."""
+    if _LIBC is None:
+        return False
+    return bool(_LIBC.malloc_trim(0))
+
+
+# ---------------------------------------------------------------------- the buffer
+
+
+_COUNT = struct.Struct("!Q")
+
+
+class _Spilled:
+    """A key on disk: its file and the size it had in memory."""
+
+    __slots__ = ("path", "nbytes", "disk_bytes")
+
+    def __init__(self, path: str, nbytes: int, disk_bytes: int) -> None:
+        self.path, self.nbytes, self.disk_bytes = path, nbytes, disk_bytes
+
+
+class SpillError(OSError):
+    """A key could not be written to (or read back from) the local directory."""
+
+
+def _write_frames(path: str, value: wire.Serialized) -> int:
+    """Write a serialized value's frames to ``path`` without copying them; bytes written."""
+    views = [memoryview(f).cast("B") for f in (value.header, *value.buffers)]
+    head = _COUNT.pack(len(views)) + struct.pack(f"!{len(views)}Q", *(v.nbytes for v in views))
+    with open(path, "wb") as f:  # big writes bypass the buffer: no copy
+        f.write(head)
+        for view in views:
+            f.write(view)
+    return len(head) + sum(v.nbytes for v in views)
+
+
+def _read_frames(path: str) -> wire.Serialized:
+    """Read a file written by ``_write_frames`` straight into fresh buffers (writable, as
+    the arrays were: a large one into a mapping the kernel populates in one go)."""
+    with open(path, "rb", buffering=0) as f:
+        count = _COUNT.unpack(_read_exactly(f, _COUNT.size))[0]
+        lengths = struct.unpack(f"!{count}Q", _read_exactly(f, 8 * count))
+        frames = []
+        for i, n in enumerate(lengths):
+            frame = wire._fresh_buffer(n) if i else bytearray(n)  # large: populated at once
+            view, done = memoryview(frame), 0
+            while done < n:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise SpillError(f"spill file {path} is truncated")
+                done += got
+            frames.append(frame)
+    return wire.Serialized(bytes(frames[0]) if len(frames[0]) < 4096 else frames[0], frames[1:])
+
+
+def _read_exactly(f: Any, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise SpillError(f"spill file {f.name} is truncated")
+    return data
+
+
+class SpillBuffer(MutableMapping):
+    """A worker's data: keys in memory (LRU order) and keys spilled to files in ``directory``.
+
+    It is a mapping: ``buf[key]`` returns the value, reading it back from
+    disk if it was spilled.  ``put`` stores with a known size,
+    ``serialized`` gives what ``get_data`` sends without unpickling a
+    spilled key, and ``spill_one`` (called by the manager's spill thread
+    only) moves the least recently used key to disk.  ``on_over_target``
+    is called when managed bytes pass ``target``.
+    """
+
+    def __init__(self, directory: str | None = None, target: int | None = None) -> None:
+        self.directory = directory
+        self.target = target
+        self.fast: OrderedDict[Any, Any] = OrderedDict()
+        self.sizes: dict[Any, int] = {}
+        self.slow: dict[Any, _Spilled] = {}
+        self.kept: dict[Any, _Spilled] = {}  # keys read back into fast whose file stays valid
+        self.managed = 0  # bytes of the keys in memory
+        self.spilled = 0  # in-memory bytes of the keys on disk
+        self.error: str | None = None  # the last spill failure, until a spill succeeds
+        self.on_over_target: Callable[[], None] | None = None
+        self.released = 0  # keys deleted so far (the manager trims after releases)
+        self.spill_count = self.spill_bytes = self.unspill_count = 0
+        self.spill_seconds = 0.0  # time spent pickling and writing
+        self._pinned: set = set()  # keys that cannot be pickled: never spilled
+        self._spilling: set = set()  # keys some thread is writing now
+        self._names = itertools.count()
+        self._lock = threading.Lock()
+
+    # -- mapping
+
+    def __getitem__(self, key: Any) -> Any:
+        """The value of ``key``; a spilled key is read back into memory.
+
+        Its file is kept, so evicting it again costs no write (values are
+        not to be changed in place), and it goes in as the least recently
+        used key: it is the cheapest to evict, and a key read back is
+        usually needed by one task, unlike the results not spilled yet.
+        """
+        with self._lock:
+            if key in self.fast:
+                self.fast.move_to_end(key)
+                return self.fast[key]
+            spilled = self.slow[key]
+        value = wire.deserialize(self._read(key, spilled))
+        with self._lock:
+            if self.slow.get(key) is spilled:  # back into memory; its file is kept
+                del self.slow[key]
+                self.spilled -= spilled.nbytes
+                self._insert(key, value, spilled.nbytes)
+                self.fast.move_to_end(key, last=False)  # cold: evicting it again is free
+                self.kept[key] = spilled
+                self.unspill_count += 1
+            else:
+                spilled = None  # deleted or stored again meanwhile
+        if spilled is not None:
+            self._check_target()
+        return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.put(key, value, sizeof(value))
+
+    def __delitem__(self, key: Any) -> None:
+        with self._lock:
+            spilled = self._remove(key)
+            if spilled is False:
+                raise KeyError(key)
+            self.released += 1
+        if spilled is not None:
+            _unlink(spilled.path)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.fast or key in self.slow
+
+    def __iter__(self) -> Iterator:
+        with self._lock:
+            return iter([*self.fast, *self.slow])
+
+    def __len__(self) -> int:
+        return len(self.fast) + len(self.slow)
+
+    def discard(self, key: Any) -> None:
+        """Delete ``key`` if held, without reading it back from disk."""
+        try:
+            del self[key]
+        except KeyError:
+            pass
+
+    # -- the worker's entry points
+
+    def put(self, key: Any, value: Any, nbytes: int) -> None:
+        """Store ``value`` (of ``nbytes``) in memory, replacing any copy in memory or on disk."""
+        with self._lock:
+            spilled = self._remove(key)
+            self._insert(key, value, nbytes)
+        if spilled:
+            _unlink(spilled.path)
+        self._check_target()
+
+    def serialized(self, key: Any) -> tuple[bool, Any]:
+        """``(True, value)`` for a key in memory, ``(False, Serialized)`` read from its file.
+
+        Raises KeyError for a key this buffer does not hold.
+        """
+        with self._lock:
+            if key in self.fast:
+                self.fast.move_to_end(key)
+                return True, self.fast[key]
+            spilled = self.slow[key]
+        return False, self._read(key, spilled)
+
+    def spill_one(self) -> int:
+        """Write the least recently used key to disk; bytes freed (0: nothing to spill).
+
+        Raises ``SpillError`` when the file cannot be written; the key stays in memory.
+        """
+        with self._lock:
+            key = next((k for k in self.fast if k not in self._pinned
+                        and k not in self._spilling), _NOTHING)
+            if key is _NOTHING:
+                return 0
+            value, nbytes = self.fast[key], self.sizes[key]
+            kept = self.kept.pop(key, None)
+            if kept is not None:  # read back earlier and its file kept: nothing to write
+                del self.fast[key]
+                del self.sizes[key]
+                self.managed -= nbytes
+                self.slow[key] = kept
+                self.spilled += nbytes
+                return nbytes
+            self._spilling.add(key)
+        try:
+            return self._spill(key, value, nbytes)
+        finally:
+            with self._lock:
+                self._spilling.discard(key)
+
+    def _spill(self, key: Any, value: Any, nbytes: int) -> int:
+        start = time.perf_counter()
+        try:
+            frames = wire.serialize(value)
+        except BaseException as e:  # noqa: B036 - an odd __reduce__ must not stop the thread
+            logger.warning("cannot spill %r (%s): %s; keeping it in memory",
+                           key, type(value).__qualname__, e)
+            with self._lock:
+                self._pinned.add(key)
+            return -1
+        path = os.path.join(self.directory or ".", f"{next(self._names)}.spill")
+        try:
+            written = _write_frames(path, frames)
+        except OSError as e:
+            _unlink(path)
+            self.error = f"cannot spill to {self.directory}: {e}"
+            raise SpillError(self.error) from e
+        finally:
+            del frames
+        with self._lock:
+            if self.fast.get(key, _NOTHING) is value:
+                del self.fast[key]
+                del self.sizes[key]
+                self.managed -= nbytes
+                self.slow[key] = _Spilled(path, nbytes, written)
+                self.spilled += nbytes
+                path = None
+        if path is not None:  # deleted or replaced while it was written
+            _unlink(path)
+            return -1
+        self.error = None
+        self.spill_count += 1
+        self.spill_bytes += written
+        self.spill_seconds += time.perf_counter() - start
+        return nbytes
+
+    # -- internals (the _lock held)
+
+    def _insert(self, key: Any, value: Any, nbytes: int) -> None:
+        self.fast[key] = value
+        self.sizes[key] = nbytes
+        self.managed += nbytes
+
+    def _remove(self, key: Any) -> _Spilled | None | bool:
+        """Drop ``key``: its _Spilled record if it has a file, None if not, False if not held."""
+        if key in self.fast:
+            del self.fast[key]
+            self.managed -= self.sizes.pop(key)
+            self._pinned.discard(key)
+            return self.kept.pop(key, None)
+        spilled = self.slow.pop(key, None)
+        if spilled is None:
+            return False
+        self.spilled -= spilled.nbytes
+        return spilled
+
+    def _check_target(self) -> None:
+        if self.target is not None and self.managed > self.target and self.on_over_target:
+            self.on_over_target()
+
+    def _read(self, key: Any, spilled: _Spilled) -> wire.Serialized:
+        try:
+            return _read_frames(spilled.path)
+        except OSError as e:
+            if key not in self:
+                raise KeyError(key) from None  # deleted while we read
+            logger.error("cannot read spilled key %r back from %s: %s", key, spilled.path, e)
+            raise SpillError(f"cannot read spilled key {key!r} back from {spilled.path}: "
+                             f"{e}") from e
+
+    def clear_files(self) -> None:
+        """Forget every spilled key (the directory is going away)."""
+        with self._lock:
+            self.slow.clear()
+            self.kept.clear()
+            self.spilled = 0
+
+
+_NOTHING = object()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------- the manager
+
+
+_EXACT = ("managed", "spilled", "paused", "spill_error", "limit")
+
+
+class MemoryManager:
+    """Watches a worker's memory: spills, pauses, trims and reports to the center.
+
+    Two threads: ``memory-monitor`` looks at the RSS every
+    ``MONITOR_INTERVAL`` (pause, wake the spill thread, trim when idle,
+    report), and ``spill`` writes keys to disk when woken, so a slow disk
+    never delays a pause.  ``unpaused`` is set while tasks may start.
+    ``is_idle()`` tells whether no task runs or waits; ``activity()``
+    changes whenever the worker did work; ``report(msg)`` sends a memory
+    message to the center.
+    """
+
+    def __init__(self, data: SpillBuffer, limit: int | None, *,
+                 is_idle: Callable[[], bool], activity: Callable[[], int],
+                 report: Callable[[dict], None]) -> None:
+        self.data = data
+        self.limit = limit
+        self.is_idle = is_idle
+        self.activity = activity
+        self.report = report
+        self.paused = False
+        self.unpaused = threading.Event()
+        self.unpaused.set()
+        self.trims = 0
+        self.trimmed = 0  # bytes of RSS the trims gave back
+        self._wake_spill = threading.Event()
+        self._stopping = threading.Event()
+        self._last_report: dict | None = None
+        self._last_report_at = 0.0
+        self._spill_retry_at = 0.0
+        self._task_check_at = 0.0  # when a task thread last read the RSS
+        self._pause_lock = threading.Lock()
+        if limit:
+            data.target = int(limit * TARGET)
+            data.on_over_target = self._wake_spill.set
+
+    def start(self) -> None:
+        """Start the monitor and spill threads."""
+        threading.Thread(target=self._monitor_loop, name="memory-monitor", daemon=True).start()
+        if self.limit:
+            threading.Thread(target=self._spill_loop, name="spill", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop both threads (they are daemons: a thread in a write finishes on its own)."""
+        self._stopping.set()
+        self._wake_spill.set()
+        self.unpaused.set()
+
+    def figures(self, rss: int | None = None) -> dict:
+        """Managed bytes in memory, spilled bytes on disk, unmanaged (RSS - managed), paused."""
+        rss = process_rss() if rss is None else rss
+        data = self.data
+        return {"managed": data.managed, "spilled": data.spilled,
+                "unmanaged": max(0, rss - data.managed), "paused": self.paused,
+                "limit": self.limit, "spill_error": data.error}
+
+    def resend(self) -> None:
+        """Report the figures at the next look (after registering with a center again)."""
+        self._last_report = None
+
+    # -- the monitor
+
+    def _monitor_loop(self) -> None:
+        idle_since: float | None = None
+        trimmed_at = self.activity()
+        while not self._stopping.wait(MONITOR_INTERVAL):
+            try:
+                rss = process_rss()
+                now = time.monotonic()
+                if self.limit:
+                    self._check_pause(rss)
+                    if rss > SPILL * self.limit or self.data.managed > self.data.target:
+                        self._wake_spill.set()
+                if self.is_idle():
+                    idle_since = now if idle_since is None else idle_since
+                    activity = self.activity() + self.data.released
+                    if activity != trimmed_at and (now - idle_since >= IDLE_TRIM_AFTER
+                                                   or self.paused):
+                        trimmed_at = activity
+                        rss = self._trim(rss)
+                else:
+                    idle_since = None
+                self._maybe_report(rss, now)
+            except Exception:
+                logger.exception("memory monitor failed")
+
+    def _check_pause(self, rss: int) -> None:
+        paused = rss > PAUSE * self.limit
+        if paused == self.paused:
+            return
+        with self._pause_lock:
+            if paused == self.paused:
+                return
+            self._set_paused(paused, rss)
+
+    def _set_paused(self, paused: bool, rss: int) -> None:
+        self.paused = paused
+        if paused:
+            self.unpaused.clear()
+            logger.warning("paused: memory use %s is above %.0f%% of the memory limit %s; "
+                           "starting no new task until it drops (managed %s, spilled %s)",
+                           format_bytes(rss), PAUSE * 100, format_bytes(self.limit),
+                           format_bytes(self.data.managed), format_bytes(self.data.spilled))
+        else:
+            self.unpaused.set()
+            logger.warning("resumed: memory use %s is below %.0f%% of the memory limit %s",
+                           format_bytes(rss), PAUSE * 100, format_bytes(self.limit))
+        self._last_report_at = 0.0  # say so at once
+
+    def _trim(self, rss: int) -> int:
+        if not trim_memory():
+            return rss
+        after = process_rss()
+        self.trims += 1
+        self.trimmed += max(0, rss - after)
+        logger.debug("idle: trimmed freed memory, RSS %s -> %s", format_bytes(rss),
+                     format_bytes(after))
+        return after
+
+    def _maybe_report(self, rss: int, now: float) -> None:
+        if now - self._last_report_at < REPORT_INTERVAL:
+            return
+        figures = self.figures(rss)
+        last = self._last_report
+        if last is not None and all(last[k] == figures[k] for k in _EXACT) and \
+                abs(figures["unmanaged"] - last["unmanaged"]) < (1 << 20):
+            return  # nothing new but RSS noise
+        self._last_report, self._last_report_at = figures, now
+        self.report({"op": "memory", **figures})
+
+    # -- the spill thread
+
+    def _spill_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake_spill.wait()
+            self._wake_spill.clear()
+            if not self._stopping.is_set():
+                self.spill()
+
+    def spill(self) -> None:
+        """Spill LRU keys while managed bytes are over the target, or RSS over ``SPILL``.
+
+        By RSS it goes on until RSS is below ``TARGET`` or nothing is left
+        in memory.  Any thread may call it (two never write the same key);
+        after a failed write nobody tries again for ``SPILL_RETRY`` seconds.
+        """
+        data, limit = self.data, self.limit
+        if not limit or time.monotonic() < self._spill_retry_at:
+            return
+        try:
+            while data.managed > data.target and data.spill_one():
+                pass
+            if process_rss() > SPILL * limit:  # memory outside the dict: spill by RSS
+                while process_rss() > TARGET * limit and data.spill_one():
+                    pass
+        except SpillError as e:
+            if time.monotonic() >= self._spill_retry_at:
+                self._spill_retry_at = time.monotonic() + SPILL_RETRY
+                logger.error("%s; keeping %d keys (%s) in memory, retrying in %.0fs", e,
+                             len(data.fast), format_bytes(data.managed), SPILL_RETRY)
+        except Exception:
+            logger.exception("spilling failed")
+            self._spill_retry_at = time.monotonic() + SPILL_RETRY
+
+    def before_task(self) -> None:
+        """On a task thread, before it starts a task: spill by RSS, pause if still too full.
+
+        Checking here, not only every ``MONITOR_INTERVAL``, keeps short
+        tasks from outrunning the monitor.
+        """
+        if not self.limit:
+            return
+        now = time.monotonic()
+        if now < self._task_check_at + TASK_CHECK_INTERVAL and not self.paused:
+            return
+        self._task_check_at = now
+        rss = process_rss()
+        if rss > SPILL * self.limit:
+            self.spill()
+            rss = process_rss()
+        self._check_pause(rss)
+
+    def after_put(self) -> None:
+        """On the thread that stored a result: spill what is over the target, right now.
+
+        The producer pays for its own spilling, so a fast task cannot fill
+        memory faster than the disk takes it.
+        """
+        if self.limit and self.data.managed > self.data.target:
+            self.spill()
+
+
+# ---------------------------------------------------------------------- the directory
+
+
+def make_local_directory(parent: str | None) -> str:
+    """A fresh directory for one worker's spill files, inside ``parent`` (default: tmp)."""
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"minidist-worker-{os.getpid()}-", dir=parent or None)
+
+
+def remove_local_directory(path: str) -> None:
+    """Remove a worker's directory and its spill files (gone already: fine)."""
+    shutil.rmtree(path, ignore_errors=True)

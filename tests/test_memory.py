@@ -1,0 +1,312 @@
+"""Memory limits with real worker processes: spilling, pausing, restarting, giving memory back.
+
+Each test starts its own LocalCluster with a small limit (200-500 MB per
+worker), so that the thresholds (spill 60%/70%, pause 80%, restart 95%)
+are crossed by a few hundred MB of numpy arrays.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import gates
+import minidist
+from conftest import wait_for
+from minidist import Executor, KilledWorker, LocalCluster
+from minidist.memory import SpillBuffer, parse_memory_limit, process_rss, sizeof
+
+MB = 10**6
+CHUNK = 10 << 20  # bytes of one array
+
+
+def make(i: int) -> np.ndarray:
+    """A 10 MiB array filled with ``i``."""
+    return np.full(CHUNK // 8, float(i))
+
+
+def check(x: np.ndarray) -> tuple[float, float]:
+    return float(x[0]), float(x.sum())
+
+
+def first_values(*arrays: np.ndarray) -> list[float]:
+    return [float(a[0]) for a in arrays]
+
+
+def hog(nbytes: int) -> int:
+    """Allocate ``nbytes`` in 10 MiB pieces, holding them all (a runaway task)."""
+    pieces = []
+    for _ in range(nbytes // CHUNK):
+        pieces.append(np.ones(CHUNK, dtype=np.uint8))
+        time.sleep(0.02)
+    return len(pieces)
+
+
+def hold(nbytes: int, path: str) -> int:
+    """Hold ``nbytes`` of temporaries (unmanaged memory) until ``path`` exists."""
+    block = np.ones(nbytes, dtype=np.uint8)
+    gates.wait_for_file(None, path)
+    return int(block[-1])
+
+
+def big(i: int) -> list[bytes]:
+    """50 MB in 50,000 small objects: what glibc keeps in its arenas once freed."""
+    return [b"%d-%d" % (i, j) + bytes(1000) for j in range(50_000)]
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+# ---------------------------------------------------------------------- pieces
+
+
+def test_parse_memory_limit():
+    total = 8 * 2**30
+    assert parse_memory_limit("4GB", total=total) == 4 * 10**9
+    assert parse_memory_limit("512MiB", total=total) == 512 * 2**20
+    assert parse_memory_limit("1e9", total=total) == 10**9
+    assert parse_memory_limit(200_000_000, total=total) == 200_000_000
+    assert parse_memory_limit(0.25, total=total) == 2 * 2**30
+    assert parse_memory_limit("0.5", total=total) == 4 * 2**30
+    assert parse_memory_limit("auto", nworkers=4, total=total) == 2 * 2**30
+    for off in (None, 0, "0", "none", "None"):
+        assert parse_memory_limit(off, total=total) is None
+    for bad in ("lots", "4 parsecs", -1, "-5GB", True):
+        with pytest.raises(ValueError):
+            parse_memory_limit(bad, total=total)
+    assert 0 < parse_memory_limit("auto") <= os.sysconf("SC_PAGE_SIZE") * \
+        os.sysconf("SC_PHYS_PAGES")
+
+
+def test_sizeof_and_its_extension():
+    pd = pytest.importorskip("pandas")
+    assert sizeof(np.zeros(1000)) == 8000
+    assert sizeof(b"x" * 5000) == 5000
+    assert sizeof(bytearray(300)) == 300
+    assert sizeof(memoryview(b"y" * 400)) == 400
+    assert sizeof([np.zeros(1000)] * 50) >= 50 * 8000
+    assert sizeof({i: b"z" * 1000 for i in range(100)}) >= 100 * 1000
+    strings = pd.Series(["a long string of text %d" % i for i in range(1000)], dtype=object)
+    frame = pd.DataFrame({"s": strings})
+    assert sizeof(frame) > frame.memory_usage(deep=False).sum()  # deep: counts the strings
+    assert sizeof(strings) == strings.memory_usage(deep=True)
+
+    class Blob:
+        pass
+    minidist.sizeof.register(Blob)(lambda blob: 12345)
+    assert sizeof(Blob()) == 12345 and minidist.sizeof(Blob()) == 12345
+
+
+def test_spill_buffer_round_trip(tmp_path):
+    buf = SpillBuffer(str(tmp_path), target=25 * MB)
+    arrays = {i: np.full(1 << 20, i, dtype=np.float64) for i in range(4)}  # 8 MiB each
+    for key, value in arrays.items():
+        buf.put(key, value, value.nbytes)
+    assert buf.managed == 4 * 8 * 2**20
+    assert buf.spill_one() == 8 * 2**20  # the least recently used: key 0
+    assert 0 not in buf.fast and 0 in buf.slow and 0 in buf and len(buf) == 4
+    assert len(os.listdir(tmp_path)) == 1
+    in_memory, frames = buf.serialized(0)  # what get_data sends: the file's frames
+    assert not in_memory and minidist.wire.deserialize(frames)[5] == 0
+    back = buf[0]  # read back into memory; the file stays for the next eviction
+    assert back.flags.writeable and (back == 0).all()
+    assert 0 in buf.fast and buf.spilled == 0 and len(os.listdir(tmp_path)) == 1
+    assert buf.spill_one() == 8 * 2**20 and buf.spill_count == 1  # key 0 again: no write
+    assert buf.spill_one() == 8 * 2**20 and buf.spill_count == 2  # key 1: written
+    assert sorted(buf.slow) == [0, 1] and len(os.listdir(tmp_path)) == 2
+    buf.put(0, np.zeros(4), 32)  # a new value replaces the file
+    del buf[1]  # spilled or not, a delete removes it
+    buf.discard(2)
+    assert sorted(buf, key=str) == [0, 3] and os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------- with processes
+
+
+@pytest.mark.timeout(90)
+def test_job_twice_the_memory_spills_and_completes():
+    """800 MB of live results on 2 workers of 200 MB: all correct, peak RSS bounded."""
+    limit = 200 * MB
+    with LocalCluster(2, memory_limit=limit) as cluster, Executor(cluster) as e:
+        pids = [w.pid for w in cluster.workers]
+        addresses = [w.address for w in cluster.workers]
+        futures = [e.submit(make, i) for i in range(80)]  # 80 x 10 MiB, all kept alive
+        checks = e.gather([e.submit(check, f) for f in futures])
+        assert checks == [(float(i), float(i) * (CHUNK // 8)) for i in range(80)]
+        memory = wait_for(lambda: (m := e.memory()) and
+                          sum(w["managed"] + w["spilled"] for w in m.values()) >= 80 * CHUNK
+                          and m, message="every result reported, in memory or spilled")
+        assert set(memory) == set(addresses)
+        for figures in memory.values():
+            assert figures["limit"] == limit and figures["spill_error"] is None
+            assert figures["managed"] <= limit and figures["unmanaged"] > 0
+        assert all(w["spilled"] > 0 for w in memory.values())
+        info = e._center("workers")  # the names the dashboard reads
+        for w in info.values():
+            assert {"memory_managed", "memory_spilled", "memory_unmanaged", "paused"} <= set(w)
+        # Spilled keys come back to a client, and to a peer that needs them.
+        who_has = e.who_has(futures)
+        early = futures[:6]  # the least recently used: on disk by now
+        assert first_values(*e.gather(early)) == [float(i) for i in range(6)]
+        for target in addresses:
+            theirs = [f for f in early if who_has[f.key] != [target]][:3]
+            result = e.submit(first_values, *theirs, workers=[target]).result(30)
+            assert result == [float(f.result()[0]) for f in theirs]
+        peaks = [peak_rss(pid) for pid in pids]
+        assert all(peak <= 1.3 * limit for peak in peaks), [p / MB for p in peaks]
+        assert [w.restarts for w in cluster.workers] == [0, 0]
+        assert [w.pid for w in cluster.workers] == pids
+        del futures, early, theirs
+        wait_for(lambda: all(w["managed"] == w["spilled"] == 0 for w in e.memory().values()),
+                 message="released keys leave memory and disk")
+
+
+@pytest.mark.timeout(90)
+def test_runaway_task_restarts_its_worker_and_errs_with_killed_worker():
+    limit = 200 * MB
+    with LocalCluster(2, memory_limit=limit, allowed_failures=2) as cluster, \
+            Executor(cluster) as e:
+        assert e.submit(inc, 1).result() == 2
+        future = e.submit(hog, 3 * limit)
+        with pytest.raises(KilledWorker):
+            future.result(60)
+        wait_for(lambda: sum(w.restarts for w in cluster.workers) == 2,
+                 message="two restarts")
+        assert e.submit(inc, 2).result(30) == 3  # the cluster keeps serving
+        wait_for(lambda: len(e.nthreads()) == 2, message="both workers back")
+
+
+@pytest.mark.timeout(90)
+def test_memory_comes_back_after_many_computations():
+    """100 results of 50 MB each, ten at a time: RSS ends within 100 MB of where it started."""
+    with LocalCluster(1, 2, memory_limit="2GB") as cluster, Executor(cluster) as e:
+        pid = cluster.workers[0].pid
+        assert e.submit(len, [1]).result() == 1
+        start = process_rss(pid)
+        peak = 0
+        for batch in range(10):
+            futures = [e.submit(big, i) for i in range(batch * 10, batch * 10 + 10)]
+            assert e.gather([e.submit(len, f) for f in futures]) == [50_000] * 10
+            peak = max(peak, process_rss(pid))
+            del futures
+        assert peak > start + 400 * MB  # ten results were alive at once
+        wait_for(lambda: process_rss(pid) < start + 100 * MB, timeout=10,
+                 message=f"RSS back near {start / MB:.0f} MB (now {process_rss(pid) / MB:.0f})")
+        assert cluster.workers[0].pid == pid
+
+
+@pytest.mark.timeout(60)
+def test_paused_worker_gets_no_new_tasks_and_still_serves_data(tmp_path):
+    limit = 200 * MB
+    gate = str(tmp_path / "go")
+    with LocalCluster(1, memory_limit=limit) as cluster, Executor(cluster) as e:
+        kept = e.scatter([b"x" * 1000])[0]
+        held = e.submit(hold, int(0.85 * limit) - process_rss(cluster.workers[0].pid), gate)
+        wait_for(lambda: any(w["paused"] for w in e.memory().values()), timeout=20,
+                 message="the worker pauses")
+        probe = e.submit(inc, 41)
+        wait_for(lambda: e._center("info")["tasks"].get("queued"), message="probe queued")
+        (worker,) = e._center("workers").values()
+        assert worker["processing"] == 1 and not probe.done()  # only the task holding memory
+        assert e.gather(kept) == b"x" * 1000  # a paused worker still serves its data
+        open(gate, "w").close()
+        assert held.result(30) == 1
+        assert probe.result(30) == 42  # it resumed
+        assert not any(w["paused"] for w in e.memory().values())
+        assert cluster.workers[0].restarts == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("damage", ["vanished", "not a directory"])
+def test_unwritable_spill_directory_errs_clearly_and_loses_nothing(tmp_path, damage):
+    limit = 500 * MB  # spill above 300 MB managed; pause above 400 MB of RSS
+    parent = tmp_path / "spill"
+    with LocalCluster(1, memory_limit=limit, local_directory=str(parent)) as cluster, \
+            Executor(cluster) as e:
+        (directory,) = parent.iterdir()  # each worker makes a fresh directory in it
+        assert directory.name.startswith("minidist-worker-")
+        shutil.rmtree(directory)
+        if damage == "not a directory":
+            directory.write_bytes(b"")
+        futures = [e.submit(make, i) for i in range(32)]  # 320 MiB: over the target
+        concurrent.futures.wait(futures, timeout=30)
+        (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spill_error"]
+                                       and w["managed"] >= 32 * CHUNK],
+                              message="the spill error is reported").__iter__()
+        assert str(directory) in figures["spill_error"]
+        assert figures["spilled"] == 0
+        checks = e.gather([e.submit(check, f) for f in futures])
+        assert [c[0] for c in checks] == [float(i) for i in range(32)]  # nothing lost
+        assert first_values(*e.gather(futures[:3])) == [0.0, 1.0, 2.0]
+        if damage == "vanished":  # the directory is back: spilling resumes
+            directory.mkdir()
+            wait_for(lambda: all(w["spilled"] > 0 and w["spill_error"] is None
+                                 for w in e.memory().values()), timeout=20,
+                     message="spilling resumes")
+        assert cluster.workers[0].restarts == 0
+    if damage == "vanished":
+        assert list(parent.iterdir()) == []  # removed when the worker stopped
+
+
+@pytest.mark.timeout(60)
+def test_dworker_memory_flags(spawn, tmp_path):
+    """--memory-limit reaches every worker (auto: the machine split between them), and
+    --local-directory holds each worker's own spill directory while it runs."""
+    center = spawn("center", "--port", "0")
+    spawn("worker", center.address, "--nworkers", "2", "--local-directory", str(tmp_path))
+    spawn("worker", center.address, "--memory-limit", "300MB", "--no-nanny")
+    def reported() -> dict | None:
+        memory = e.memory()
+        return memory if len(memory) == 3 and all(w["limit"] for w in memory.values()) else None
+
+    with Executor(center.address) as e:
+        limits = sorted(w["limit"] for w in wait_for(
+            reported, message="three workers report their limits").values())
+    machine = parse_memory_limit("auto")
+    assert limits == [300 * MB, machine // 2, machine // 2]
+    assert len(list(tmp_path.glob("minidist-worker-*"))) == 2
+    bad = subprocess.run([sys.executable, "-m", "minidist.worker", center.address,
+                          "--memory-limit", "lots"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "invalid memory limit 'lots'" in bad.stderr
+
+
+def test_scheduler_sends_a_paused_worker_nothing_until_it_resumes():
+    """The state machine alone: a paused worker has no free slot; resuming fills it."""
+    from minidist.scheduler import Scheduler
+
+    def memory(paused: bool) -> list:
+        return [{"op": "memory", "managed": 1, "spilled": 2, "unmanaged": 3, "paused": paused}]
+
+    def computes(out: dict, stream: str) -> list:
+        return [m["key"] for m in out.get(stream, []) if m and m.get("op") == "compute"]
+
+    sched = Scheduler(prefetch=0)
+    sched.worker_added(0.0, "A", "a:1", 1)
+    sched.worker_added(0.0, "B", "b:1", 1)
+    sched.client_added(0.0, "C", "client")
+    sched.worker_msgs(0.1, "A", "a:1", memory(True))
+    tasks = [(f"t{i}", object(), [], None) for i in range(3)]
+    out = sched.client_msgs(0.2, "C", "client", [{"op": "update_graph", "tasks": tasks,
+                                                   "wants": [t[0] for t in tasks]}])
+    assert len(computes(out, "A")) == 0 and len(computes(out, "B")) == 1
+    info = sched.worker_info(0.3)["a:1"]
+    assert info["paused"] is True and (info["memory_managed"], info["memory_spilled"],
+                                       info["memory_unmanaged"]) == (1, 2, 3)
+    out = sched.worker_msgs(0.4, "A", "a:1", memory(False))
+    assert len(computes(out, "A")) == 1
