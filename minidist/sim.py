@@ -21,9 +21,13 @@ seed: worker crash (a nanny restarts it under the same name), worker hang then
 recovery, partition then heal, slow worker, client that vanishes, late
 messages from a removed worker (anything still in flight on its old stream is
 delivered), a worker that gives a task back on ``steal`` but runs it anyway
-(duplicate finishes), and duplicate ``task_finished`` messages.
+(duplicate finishes), and duplicate ``task_finished`` messages; and, from a
+generator of its own, a worker paused for memory for a while (it starts
+nothing, and says so with a ``memory`` message).
 
-After every event the scheduler's tables are checked (``check_invariants``);
+After every event the scheduler's tables are checked (``check_invariants``:
+also that a waiting task waits only on tasks that will run, and that the
+placement indexes find every worker with a free slot, a backlog or prefetch);
 at the end, every key a client waited for must have been delivered once, with
 its lineage's value or a defined error (the task's own, ``KilledWorker``,
 ``NoWorkerError``), and once every client has released everything no task,
@@ -129,6 +133,7 @@ class SimWorker:
         self.hung_until = 0.0
         self.partitioned_until = 0.0
         self.rogue = False  # gives tasks back on steal but runs them anyway
+        self.paused = False  # for memory: starts nothing, and has told the center
         self.center_id: str | None = None
         self.held_at_registration: dict[str, int] = {}
 
@@ -193,6 +198,20 @@ class SimWorker:
         late = {k: nb for k, (_, nb) in self.data.items() if k not in self.held_at_registration}
         if late:  # finished while no stream was up (as worker.py does)
             self.send({"op": "add_keys", "keys": late, "from_registration": True})
+        if self.paused:
+            self.send(self.memory_msg())
+
+    def memory_msg(self) -> dict:
+        return {"op": "memory", "managed": sum(nb for _, nb in self.data.values()),
+                "spilled": 0, "unmanaged": 0, "paused": self.paused, "limit": 1 << 30}
+
+    def set_paused(self, paused: bool) -> None:
+        if not self.alive or self.paused == paused:
+            return
+        self.sim.log("%s %s", "PAUSE" if paused else "RESUME", self.address)
+        self.paused = paused
+        self.send(self.memory_msg())
+        self.pump()
 
     def on_worker_left(self, address: str) -> None:
         pass
@@ -263,7 +282,7 @@ class SimWorker:
         return self.alive and now >= self.hung_until and now >= self.partitioned_until
 
     def pump(self) -> None:
-        while self.running < self.nthreads and self.ready:
+        while self.running < self.nthreads and self.ready and not self.paused:
             item = self.ready.popleft()
             if item.cancelled or self.waiting.get(item.key) is not item:
                 continue
@@ -521,6 +540,12 @@ class Simulation:
         for _ in range(rng.choice((0, 1, 2, 3))):
             self.at(rng.uniform(0.1, 3.0), self.fault)
         self.at(CHECK_EVERY, self.check_heartbeats)
+        # Pauses for memory come from a generator of their own, so that a seed drawn
+        # without any runs exactly as it did before they existed.
+        prng = random.Random(f"pause-{seed}")
+        for _ in range(prng.choice((0, 0, 0, 1, 2))):
+            self.at(prng.uniform(0.1, 3.0), self.pause, prng.random(),
+                    prng.choice((0.2, 1.0, 3.0)))
 
     # -------------------------------------------------------------- machinery
 
@@ -655,6 +680,16 @@ class Simulation:
         self.workers[w.address] = w
         self.log("start worker %s (%d threads, slow x%g)", w.address, nthreads, slow)
         w.start()
+
+    def pause(self, pick: float, seconds: float) -> None:
+        """A worker's memory fills: it starts nothing and gets nothing new for ``seconds``."""
+        live = [w for w in self.workers.values() if w.alive]
+        if not live:
+            return
+        w = live[int(pick * len(live))]
+        w.set_paused(True)
+        self.faults_until = max(self.faults_until, self.now + seconds)
+        self.at(self.now + seconds, w.set_paused, False)
 
     def fault(self) -> None:
         rng = self.rng

@@ -41,10 +41,12 @@ def test_ci_seeds_pass():
     2847, 13658, 40662,  # a copy kept for the holder's own task outlived it (stolen)
     16698,               # ... or outlived it (finished)
     26361,               # an input released by an erring sibling left its dependent waiting
-    75119,               # a fetched copy deleted while a recompute on that worker used it
     93823,               # the run ended while a slow worker still ran a kept stolen task
 ])
 def test_seeds_that_found_bugs_pass(seed):
+    """Seeds that replayed a bug before it was fixed (seed 75119's, a fetched copy
+    deleted under a recompute, no longer happens since the simulator pauses
+    workers: tests/test_scheduler.py plays it event by event)."""
     sim.run_seed(seed)
 
 
