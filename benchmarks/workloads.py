@@ -438,8 +438,11 @@ def measure_scale(system: System, sizes: dict) -> dict:
     """``Client.map(inc, range(N), pure=False)`` then ``gather``, for each N.
 
     Per size: tasks/s over the whole map + gather, the client's submit time
-    per task, and the peak RSS growth of the client (this process) and of the
-    center (dask: scheduler) over N (both peaks reset before each size).
+    per task, and the peak RSS of the client (this process) and of the center
+    (dask: scheduler) during that size (peaks reset before each size), less
+    their RSS before the first size, over N.  The sizes grow, so memory a
+    process kept from a smaller size counts against the next one as well: an
+    upper bound, not a flattering reuse.
     dask runs only up to ``dask_max`` tasks.  ``rate_ratio`` is tasks/s at the
     largest size over tasks/s at the smallest.
     """
@@ -447,6 +450,10 @@ def measure_scale(system: System, sizes: dict) -> dict:
     center = system.center_pid()
     me = os.getpid()
     rates = []
+    system.settle(timeout=300)
+    gc.collect()
+    client_base = procs.memory(me)["VmRSS"]
+    center_base = procs.memory(center)["VmRSS"]
     for n in sizes["tasks"]:
         tag = size_tag(n)
         if system.name == "dask" and n > sizes["dask_max"]:
@@ -457,8 +464,6 @@ def measure_scale(system: System, sizes: dict) -> dict:
         gc.collect()
         procs.reset_peak(me)
         procs.reset_peak(center)
-        client_base = procs.memory(me)["VmRSS"]
-        center_base = procs.memory(center)["VmRSS"]
         t0 = time.perf_counter()
         futures = system.client.map(tasks.inc, range(n), pure=False)
         t1 = time.perf_counter()
