@@ -82,8 +82,8 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
 from .history import History
+from .serialize import Serialized, serialize
 from .task import KeyConflictError, KilledWorker, LostKeyError, NoWorkerError, RunSpec, key_name
-from .wire import Serialized, serialize
 
 logger = logging.getLogger("minidist.center")
 

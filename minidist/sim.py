@@ -54,7 +54,7 @@ from typing import Any, Callable
 
 from .scheduler import (ERRED, LOST, MEMORY, NO_WORKER, PROCESSING, QUEUED, STATES, WAITING,
                         Scheduler)
-from .wire import Serialized, deserialize
+from .serialize import Serialized, deserialize
 
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 2.0

@@ -37,7 +37,7 @@ import types
 import weakref
 from typing import Any, Callable
 
-from .wire import Serialized, deserialize, pickled_by_value, serialize, shipped_source
+from .serialize import Serialized, deserialize, pickled_by_value, serialize, shipped_source
 
 logger = logging.getLogger("minidist.task")
 
