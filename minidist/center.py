@@ -263,6 +263,12 @@ class Center:
             out = self._event_handlers[kind](now, *args)
         except Exception:
             logger.exception("scheduler failed on %s event", kind)
+            if kind in ("add_worker", "add_client"):
+                # Its peer would wait forever for "registered": hang up on it instead, so
+                # it sees a closed connection (and a worker dials again).
+                sender = args[0]
+                sender.close(timeout=0)
+                sender.conn.close()
             return
         if out:
             self._send(out)

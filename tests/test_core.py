@@ -2,6 +2,9 @@
 
 import concurrent.futures as cf
 import threading
+import time
+
+import pytest
 
 from conftest import wait_for
 
@@ -98,3 +101,28 @@ def test_an_event_waits_behind_its_streams_queued_events_even_with_the_baton_fre
         center.stop()
     center._thread.join(5)
     assert not center._thread.is_alive()
+
+
+@pytest.mark.timeout(30)
+def test_a_client_the_scheduler_fails_to_register_is_hung_up_on_not_left_waiting():
+    """A scheduler error while registering a client ends that client's wait with an error."""
+    from minidist.center import Center
+
+    center = Center()
+    address = center.start("127.0.0.1", 0)
+    real = center._event_handlers["add_client"]
+
+    def broken(now, sender, client_id):
+        raise RuntimeError("scheduler bug while registering a client")
+
+    center._event_handlers["add_client"] = broken
+    try:
+        start = time.monotonic()
+        with pytest.raises(ConnectionError):
+            Executor(address, timeout=10)
+        assert time.monotonic() - start < 10  # hung up on at once, not left to time out
+        center._event_handlers["add_client"] = real
+        with Executor(address, timeout=10) as e:  # the center still serves
+            assert e.nthreads() == {}
+    finally:
+        center.stop()
