@@ -123,6 +123,14 @@ def reap(popen: subprocess.Popen) -> None:
             pipe.close()
 
 
+def address_in(lines: list[str]) -> str:
+    """The address a center's or worker's ready lines announce."""
+    for line in lines:
+        if line.startswith(("Start center at", "Start worker at")):
+            return line.split()[-1]
+    raise AssertionError(f"no address in {lines}")
+
+
 class Proc:
     """A process started by a test, with its ready lines parsed and its stderr in a file.
 
@@ -153,10 +161,7 @@ class Proc:
 
     @property
     def address(self) -> str:
-        for line in self.lines:
-            if line.startswith(("Start center at", "Start worker at")):
-                return line.split()[-1]
-        raise AssertionError(f"no address in {self.lines}")
+        return address_in(self.lines)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         if self.popen.poll() is None:

@@ -38,6 +38,8 @@ from typing import Any, Callable
 import cloudpickle
 import pytest
 
+from conftest import address_in
+
 RUN_PREFIX = "m" + uuid.uuid4().hex[:3]
 """Every namespace, link and bridge of this run starts with this (names are at most 15 chars)."""
 
@@ -110,10 +112,7 @@ class Proc:
 
     @property
     def address(self) -> str:
-        for line in self.lines:
-            if line.startswith(("Start center at", "Start worker at")):
-                return line.split()[-1]
-        raise AssertionError(f"no address in {self.lines}")
+        return address_in(self.lines)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
