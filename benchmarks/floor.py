@@ -12,7 +12,9 @@ closes.  Commands are one byte plus an 8-byte count:
 Any real transfer of a new value lands in memory the receiver has not
 touched yet, which costs page faults that reused memory does not; the
 ``fresh`` variants measure that ceiling, with the fastest fresh memory
-there is (an anonymous mapping populated by the kernel in one go).
+there is, the kind minidist receives into (``minidist.wire.fresh_buffer``:
+an anonymous mapping with transparent huge pages where the kernel offers
+them on request, else populated by the kernel in one go).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import struct
 import subprocess
 import sys
 import time
+
+from minidist.wire import fresh_buffer
 
 _HEADER = struct.Struct("!cQ")
 _CHUNK = 4 * 2**20
@@ -38,11 +42,9 @@ def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
 
 
 def fresh_memory(nbytes: int) -> mmap.mmap | bytearray:
-    """Untouched memory for ``nbytes``, pages populated in one go where the OS can."""
-    populate = getattr(mmap, "MAP_POPULATE", 0)
-    if not populate:
-        return bytearray(nbytes)
-    return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    """Untouched memory for ``nbytes``: the same kind minidist receives a large frame into
+    (huge pages where the kernel gives them on request, else populated in one go)."""
+    return fresh_buffer(nbytes)
 
 
 def _send_view(sock: socket.socket, view: memoryview) -> None:

@@ -195,13 +195,16 @@ def summarize(workload: Workload, systems: list[str], entries: list[dict],
     for target in workload.targets:
         if target.reference is None:
             value = mine.get(target.metric)
+        elif target.reference_metric:
+            base = medians.get(target.reference, {}).get(target.reference_metric)
+            value = mine[target.metric] / base if base and target.metric in mine else None
         else:
             value = ratios.get(target.metric, {}).get(target.reference)
         checks.append({"metric": target.metric, "target": target.text(), "value": value,
                        "pass": None if value is None else target.check(value)})
     return {"description": workload.description, "sizes": sizes, "systems": systems,
             "samples": samples, "medians": medians, "ratios": ratios, "targets": checks,
-            "notes": {k: sorted(set(v)) for k, v in notes.items()},
+            "notes": {k: sorted(set(v)) for k, v in notes.items()}, "spread": workload.spread,
             "units": {m.name: m.unit for m in workload.metrics}}
 
 
@@ -221,6 +224,14 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+def _spread(result: dict, column: str, metric: str) -> str:
+    """`` (min-max)`` of a metric's samples, for workloads that show their spread."""
+    values = result["samples"].get(column, {}).get(metric, [])
+    if not result.get("spread") or len(values) < 2:
+        return ""
+    return f" ({_fmt(min(values))}-{_fmt(max(values))})"
+
+
 def table(results: dict, systems: list[str]) -> str:
     """The readable table: one row per metric, medians per column, minidist's ratios, targets."""
     columns = [c for c in [*systems, FLOOR, IDEAL]
@@ -235,7 +246,7 @@ def table(results: dict, systems: list[str]) -> str:
             cells = [name, metric, unit]
             for c in columns:
                 if metric in r["medians"].get(c, {}):
-                    cells.append(_fmt(r["medians"][c][metric]))
+                    cells.append(_fmt(r["medians"][c][metric]) + _spread(r, c, metric))
                 else:
                     cells.append("n/a" if c in r["systems"] else "")
             if "minidist" in columns:

@@ -338,7 +338,7 @@ def _read_frames(path: str) -> wire.Serialized:
         lengths = struct.unpack(f"!{count}Q", _read_exactly(f, 8 * count))
         frames = []
         for i, n in enumerate(lengths):
-            frame = wire._fresh_buffer(n) if i else bytearray(n)  # large: populated at once
+            frame = wire.fresh_buffer(n) if i else bytearray(n)  # large: a mapping of its own
             view, done = memoryview(frame), 0
             while done < n:
                 got = f.readinto(view[done:])

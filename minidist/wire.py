@@ -13,8 +13,9 @@ pickle.  On the wire a message is::
     !nQ  frame lengths; the top bit marks a frame the receiver must be able
          to write to (a numpy array's memory), otherwise it arrives as bytes;
          the next bit says the writable frame was a bytearray, and arrives
-         as one (others large enough get a populated mapping, see
-         ``_fresh_buffer``)
+         as one (others large enough get a mapping of their own, see
+         ``fresh_buffer``; large read-only frames arrive as ``bytes``
+         received in place, see ``_FreshBytes``)
     ...  the frames
 
 Lengths are checked against ``max_frame_bytes`` before anything is
@@ -44,6 +45,7 @@ import hmac
 import logging
 import mmap
 import os
+import re
 import secrets
 import select
 import socket
@@ -326,17 +328,93 @@ def _readinto_exact(rfile: Any, buf: bytearray) -> None:
         view = view[n:]
 
 
-def _fresh_buffer(size: int) -> bytearray | mmap.mmap:
+def _huge_pages_mode() -> str:
+    """The kernel's transparent huge page mode (``always``, ``madvise``, ``never``), or ""."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return ""
+    found = re.search(r"\[(\w+)\]", text)
+    return found.group(1) if found else ""
+
+
+HUGE_FRAME_BYTES = 4 << 20
+"""Frames this large are received into memory marked for transparent huge pages."""
+_MADV_HUGEPAGE = (getattr(mmap, "MADV_HUGEPAGE", None)
+                  if _huge_pages_mode() in ("always", "madvise") else None)
+
+
+def fresh_buffer(size: int) -> bytearray | mmap.mmap:
     """Writable memory for one frame (numpy arrays, memoryviews) to be received into.
 
-    A large frame gets its own anonymous mapping whose pages the kernel
-    fills in one go (``MAP_POPULATE``): receiving into it is about 1.5x
-    faster than into a ``bytearray``, which is zero-filled a page fault at
-    a time.  The mapping is freed with the last array that uses it.
+    Receiving into memory nobody has touched costs a page fault per page,
+    and for a large frame the faults, not the copy out of the socket, set
+    the pace.  A large frame gets its own anonymous mapping, freed with the
+    last array that uses it.  Where the kernel offers transparent huge pages
+    on request (``madvise`` or ``always`` mode) the mapping asks for them, as
+    numpy does for its own large arrays: 256 MB then arrive with 128 faults
+    of 2 MB instead of 65,536 of 4 KB.  Without them the kernel populates
+    the mapping in one go (``MAP_POPULATE``), still faster than a
+    zero-filled ``bytearray``.
     """
+    if size >= HUGE_FRAME_BYTES and _MADV_HUGEPAGE is not None:
+        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mapping.madvise(_MADV_HUGEPAGE)
+        return mapping
     if size >= MAPPED_FRAME_BYTES and _POPULATE:
         return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
     return bytearray(size)
+
+
+class _FreshBytes:
+    """Make ``bytes`` of a given size whose memory can still be received into (CPython).
+
+    A read-only frame must arrive as ``bytes`` (the value it carries may be
+    one), and ``bytes`` cannot be written once made.  This does what
+    CPython's own buffered reader does: it asks for an uninitialised bytes
+    object and fills its memory before anyone else holds it, having first
+    marked that memory for huge pages as ``fresh_buffer`` does.
+    """
+
+    def __init__(self) -> None:
+        import ctypes
+        self.ctypes = ctypes
+        self.new = ctypes.pythonapi.PyBytes_FromStringAndSize
+        self.new.restype = ctypes.py_object
+        self.new.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+        self.madvise = ctypes.CDLL(None, use_errno=True).madvise
+        self.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        self.offset = bytes.__basicsize__ - 1  # where a bytes object's characters start
+        self.page = mmap.PAGESIZE
+
+    def __call__(self, size: int) -> tuple[bytes, memoryview]:
+        data = self.new(None, size)
+        start = id(data) + self.offset
+        first = -(-start // self.page) * self.page
+        last = (start + size) // self.page * self.page
+        if last > first:
+            self.madvise(first, last - first, _MADV_HUGEPAGE)
+        view = memoryview((self.ctypes.c_char * size).from_address(start)).cast("B")
+        return data, view
+
+
+_fresh_bytes: _FreshBytes | None = None
+_FRESH_BYTES_OK = (_MADV_HUGEPAGE is not None and sys.implementation.name == "cpython"
+                   and sys.platform.startswith("linux"))
+
+
+def _read_large_bytes(rfile: Any, size: int) -> bytes:
+    """A large read-only frame, received straight into a fresh ``bytes`` object."""
+    global _fresh_bytes
+    if _fresh_bytes is None:
+        _fresh_bytes = _FreshBytes()  # two threads may both make one: harmless
+    data, view = _fresh_bytes(size)
+    try:
+        _readinto_exact(rfile, view)
+    finally:
+        view.release()
+    return data
 
 
 def read_frames(rfile: Any, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list:
@@ -356,9 +434,11 @@ def read_frames(rfile: Any, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> l
     frames = []
     for length, size in zip(lengths, sizes):
         if length & _WRITABLE:
-            buf = bytearray(size) if length & _BYTEARRAY else _fresh_buffer(size)
+            buf = bytearray(size) if length & _BYTEARRAY else fresh_buffer(size)
             _readinto_exact(rfile, buf)
             frames.append(buf)
+        elif size >= HUGE_FRAME_BYTES and _FRESH_BYTES_OK:
+            frames.append(_read_large_bytes(rfile, size))
         else:
             frames.append(_read_exact(rfile, size))
     return frames

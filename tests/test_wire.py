@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import pickle
 import socket
 import struct
@@ -134,6 +135,34 @@ def test_large_writable_frames_land_in_their_own_memory_and_outlive_the_message(
     gc.collect()
     received[1][:] = 7  # writing one leaves the others alone
     assert [int(a.sum()) for a in received] == [0, 7 * MB, 2 * MB]
+
+
+def test_large_bytes_are_received_in_place_and_behave_as_bytes(pair):
+    """Read-only frames of HUGE_FRAME_BYTES and more arrive as bytes filled in place:
+    equal, hashable, immutable, independent of each other and of later messages."""
+    size = wire.HUGE_FRAME_BYTES + 12345  # not a whole number of pages
+    values = [os.urandom(size), bytes(size), b"\xff" * (2 * wire.HUGE_FRAME_BYTES)]
+    got = deserialize(transfer(pair, serialize(values)))
+    assert [type(v) for v in got] == [bytes] * 3
+    assert got == values
+    assert {hash(v) for v in got} == {hash(v) for v in values}
+    again = deserialize(transfer(pair, serialize([b"\x01" * size])))
+    assert got == values and again == [b"\x01" * size]  # nothing shared or reused
+    with pytest.raises(TypeError):
+        got[0][0] = 1  # type: ignore[index]
+    ca, cb = pair
+    whole = os.urandom(size)
+
+    def die_mid_frame():
+        ca.sock.sendall(wire.frame_views([b"head", whole])[0])
+        ca.sock.sendall(b"head" + whole[: size // 2])
+        ca.sock.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=die_mid_frame)
+    sender.start()
+    with pytest.raises(wire.ProtocolError, match="truncated"):
+        cb.recv()
+    sender.join(10)
 
 
 def test_large_values_travel_out_of_band():
