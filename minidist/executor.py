@@ -59,6 +59,7 @@ logger = logging.getLogger("minidist.executor")
 
 _UNFETCHED = object()
 SEND_CHUNK = 10_000
+PIPE_CHUNK = int(__import__("os").environ.get("PIPE_CHUNK", 500))
 """A map of more calls than this is sent as several ``update_graph`` messages."""
 
 
@@ -462,10 +463,13 @@ class Executor(concurrent.futures.Executor):
         tasks = []
         named = {}  # explicitly named key -> token of its task
         fresh_ids = None if pure else _uuid4s()
+        futures: list[Future] = []
         for (args, kwargs), key in zip(calls, keys or itertools.repeat(None)):
             try:
                 spec, deps = pack(fn, args, kwargs)
             except wire.SerializationError as e:
+                for future in futures:  # sent already: those not started yet never will
+                    future.cancel()
                 raise wire.SerializationError(
                     f"cannot submit {name}{_call_repr(args, kwargs)}: {e}") from e.__cause__
             spec.init = self._init  # part of the key: another initializer, another result
@@ -474,15 +478,11 @@ class Executor(concurrent.futures.Executor):
             else:
                 named[key] = _token(spec)
             tasks.append((key, spec, tuple(deps), opts))
-        if len(tasks) <= SEND_CHUNK:
-            return self._send_tasks(tasks, [t[0] for t in tasks], named)
-        # Packed whole first (a call that does not pickle submits nothing), then sent in
-        # chunks: the message being pickled, and the packed calls, stay small.
-        futures = []
-        for i in range(0, len(tasks), SEND_CHUNK):
-            chunk = tasks[i:i + SEND_CHUNK]
-            tasks[i:i + SEND_CHUNK] = itertools.repeat(None, len(chunk))
-            futures += self._send_tasks(chunk, [t[0] for t in chunk], named)
+            if len(tasks) >= SEND_CHUNK:
+                futures += self._send_tasks(tasks, [t[0] for t in tasks], named)
+                tasks = []
+        if tasks:
+            futures += self._send_tasks(tasks, [t[0] for t in tasks], named)
         return futures
 
     def _send_tasks(self, tasks: list[tuple], wants: list,
@@ -550,6 +550,9 @@ class Executor(concurrent.futures.Executor):
 
         ``timeout`` counts from this call; ``chunksize`` > 1 sends that many
         calls per task.  An exception is raised when its item is reached.
+        Calls go out in batches as they are pickled; one that cannot be
+        pickled raises here, and the calls sent before it are cancelled
+        (those already running finish).
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
@@ -1205,6 +1208,8 @@ class Client(Executor):
         """Submit ``fn`` over the iterables; returns a list of Futures (no results fetched).
 
         Keyword arguments go to every call.  ``key=`` is a list of keys, one per call.
+        Calls go out in batches as they are pickled; one that cannot be pickled
+        raises here, and the calls sent before it are cancelled.
         """
         opts = {"workers": workers, "retries": retries} if workers or retries else None
         calls = [(args, kwargs) for args in zip(*iterables)]

@@ -212,6 +212,18 @@ def test_unpicklable_argument_is_a_pickling_error_naming_task_and_object(e):
     assert e.submit(identity, 5).result(timeout=30) == 5
 
 
+def test_map_that_cannot_pickle_a_later_call_cancels_the_batches_it_sent(e):
+    """A long map goes out in batches as it is pickled; a bad call far in raises, the
+    calls sent before it are cancelled and released, and the executor serves on."""
+    from minidist.executor import SEND_CHUNK
+    calls = [*range(2 * SEND_CHUNK + 5), threading.Lock()]
+    with pytest.raises(pickle.PicklingError, match="lock"):
+        e.map(identity, calls)
+    wait_for(lambda: e._center("info")["ntasks"] == 0, timeout=30,
+             message="the batches sent before the bad call are released")
+    assert list(e.map(identity, range(3))) == [0, 1, 2]
+
+
 def test_unpicklable_result_is_a_pickling_error_naming_key_and_type(e):
     f = e.submit(make_lock, pure=False)
     with pytest.raises(pickle.PicklingError) as info:
