@@ -238,6 +238,18 @@ def _lift_bytes(obj: Any, depth: int = 2) -> Any:
     return obj if changed is None else typ(changed)
 
 
+def _is_plain_call(obj: Any) -> bool:
+    """Is ``obj`` a call's ``(args, kwargs)`` holding nothing but a few numbers, strings
+    and Nones (the arguments of most small tasks)?  Their pickle refers to no code and
+    has no buffer to send apart."""
+    if type(obj) is not tuple or len(obj) != 2:
+        return False
+    args, kwargs = obj
+    if type(args) is not tuple or type(kwargs) is not dict or kwargs or len(args) > 8:
+        return False
+    return all(type(x) in _PLAIN for x in args)
+
+
 def pickled_by_value() -> Iterable[str]:
     """Modules registered with ``cloudpickle.register_pickle_by_value``.
 
@@ -262,6 +274,8 @@ def serialize(obj: Any) -> Serialized:
     registered to travel by value (so lambdas, closures and classes defined
     in scripts and notebooks work).
     """
+    if _is_plain_call(obj):  # (args, kwargs) of small plain values: nothing to lift or ship
+        return Serialized(pickle.dumps(obj, protocol=5))
     obj = _lift_bytes(obj)
     buffers: list = []
     try:
