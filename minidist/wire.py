@@ -400,6 +400,10 @@ class _FreshBytes:
 
 
 _fresh_bytes: _FreshBytes | None = None
+FRESH_BYTES_MIN = 32 << 20
+"""Read-only frames this large are received in place.  glibc serves an allocation this
+size with a mapping of its own whatever its tuning (32 MiB is its largest threshold), so
+marking its pages touches no memory the heap shares with anything else."""
 _FRESH_BYTES_OK = (_MADV_HUGEPAGE is not None and sys.implementation.name == "cpython"
                    and sys.platform.startswith("linux"))
 
@@ -437,7 +441,7 @@ def read_frames(rfile: Any, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> l
             buf = bytearray(size) if length & _BYTEARRAY else fresh_buffer(size)
             _readinto_exact(rfile, buf)
             frames.append(buf)
-        elif size >= HUGE_FRAME_BYTES and _FRESH_BYTES_OK:
+        elif size >= FRESH_BYTES_MIN and _FRESH_BYTES_OK:
             frames.append(_read_large_bytes(rfile, size))
         else:
             frames.append(_read_exact(rfile, size))

@@ -138,13 +138,14 @@ def test_large_writable_frames_land_in_their_own_memory_and_outlive_the_message(
 
 
 def test_large_bytes_are_received_in_place_and_behave_as_bytes(pair):
-    """Read-only frames of HUGE_FRAME_BYTES and more arrive as bytes filled in place:
+    """Read-only frames of FRESH_BYTES_MIN and more arrive as bytes filled in place:
     equal, hashable, immutable, independent of each other and of later messages."""
-    size = wire.HUGE_FRAME_BYTES + 12345  # not a whole number of pages
-    values = [os.urandom(size), bytes(size), b"\xff" * (2 * wire.HUGE_FRAME_BYTES)]
+    size = wire.FRESH_BYTES_MIN + 12345  # not a whole number of pages
+    values = [os.urandom(size), bytes(size), b"\xff" * (wire.FRESH_BYTES_MIN // 2)]
     got = deserialize(transfer(pair, serialize(values)))
     assert [type(v) for v in got] == [bytes] * 3
     assert got == values
+    assert wire._fresh_bytes is not None or not wire._FRESH_BYTES_OK  # the in-place path ran
     assert {hash(v) for v in got} == {hash(v) for v in values}
     again = deserialize(transfer(pair, serialize([b"\x01" * size])))
     assert got == values and again == [b"\x01" * size]  # nothing shared or reused
