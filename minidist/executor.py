@@ -131,6 +131,27 @@ class _KeyInfo:
         return alive
 
 
+def _finish_all(futures: list[Future], condition: threading.Condition) -> None:
+    """``set_result(_UNFETCHED)`` on each pending Future, under their shared condition once.
+
+    What ``concurrent.futures.Future.set_result`` does (state, waiters,
+    one ``notify_all``, then callbacks outside the lock), for many Futures
+    that share the session's condition.
+    """
+    done = []
+    with condition:
+        for future in futures:
+            if future._state in (PENDING, RUNNING):
+                future._result = _UNFETCHED
+                future._state = FINISHED
+                for waiter in future._waiters:
+                    waiter.add_result(future)
+                done.append(future)
+        condition.notify_all()
+    for future in done:
+        future._invoke_callbacks()
+
+
 class _EmptyList:
     """What an unset ``_LazyList`` attribute reads as: empty, and a list once appended to."""
 
@@ -989,8 +1010,17 @@ class Executor(concurrent.futures.Executor):
                     "worker_left": lambda address: self._pool.abort(address)}
         try:
             while True:
+                finished: list[dict] = []  # a run of "memory" events, handled together
                 for msg in self._conn.recv():
+                    if msg["op"] == "memory":
+                        finished.append(msg)
+                        continue
+                    if finished:
+                        self._on_memory(finished)
+                        finished = []
                     handlers[msg.pop("op")](**msg)
+                if finished:
+                    self._on_memory(finished)
         except ConnectionError as e:
             if not self._shutdown:
                 logger.warning("lost the center at %s: %s", self.address, e)
@@ -999,20 +1029,27 @@ class Executor(concurrent.futures.Executor):
             logger.exception("client event loop failed")
             self._break(e)
 
-    def _on_memory(self, key: Any, who_has: list, value: wire.Serialized | None = None) -> None:
+    def _on_memory(self, events: list[dict]) -> None:
+        """Keys are in memory (``key``, ``who_has``, maybe ``value``): finish their Futures.
+
+        A batch of them takes the session's lock and the Futures' condition
+        once each, not once per key.
+        """
+        futures: list[Future] = []
         with self._lock:
-            info = self._keys.get(key)
-            if info is None:
-                return
-            info.status = "finished"
-            info.who_has = who_has
-            info.value = value
-            info.generation += 1
-            futures = info.live_futures()
-            self._release_orphan(info)
+            for event in events:
+                info = self._keys.get(event["key"])
+                if info is None:
+                    continue
+                info.status = "finished"
+                info.who_has = event["who_has"]
+                info.value = event.get("value")
+                info.generation += 1
+                futures += info.live_futures()
+                self._release_orphan(info)
             self._news.notify_all()
-        for future in futures:
-            future._finish()
+        if futures:
+            _finish_all(futures, self._future_condition)
 
     def _on_erred(self, key: Any, exception: wire.Serialized, traceback: str) -> None:
         traceback = fill_source_lines(traceback)
