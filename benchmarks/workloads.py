@@ -209,14 +209,16 @@ def measure_bandwidth(system: System, sizes: dict) -> dict:
             out[f"move_{kind}"] = NotSupported("no worker-to-worker transfer in a pool")
             del value
             continue
+        # Every system puts the same data on the same worker, so that worker B receives
+        # only the move, into memory no transfer of the same run has used yet.
+        a, b = workers[0], workers[-1]
         t0 = time.perf_counter()
-        handle = system.scatter(payload)
+        handle = system.scatter(payload, worker=a)
         t1 = time.perf_counter()
         value = system.fetch(handle)
         t2 = time.perf_counter()
         _check(_same(payload, value), f"{kind} gathered back")
         del value, handle
-        a, b = workers[0], workers[-1]
         on_a = system.scatter(payload, worker=a)
         t3 = time.perf_counter()
         n = system.result(system.submit(tasks.nbytes, on_a, workers=[b]))
