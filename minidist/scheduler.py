@@ -307,6 +307,7 @@ class Scheduler:
         self._starved: dict[TaskState, float] = {}  # queued while no worker exists -> since
         self._dirty: dict[WorkerState, None] = {}  # workers whose free slots need filling
         self._out: Outgoing = {}                 # messages of the event being handled
+        self._merged: dict[Any, dict] = {}      # stream -> its delete_data grown in _out
         self._stealing: dict[TaskState, WorkerState] = {}  # asked back from a stalled worker
         self._next_steal_check = float("inf")
         self._paused = 0  # workers paused for memory
@@ -440,12 +441,22 @@ class Scheduler:
         if self._dirty:
             self._fill_dirty()
         out, self._out = self._out, {}
+        self._merged.clear()
         return out
 
     def _post(self, stream: Any, msg: dict) -> None:
         out = self._out.get(stream)
         if out is None:
             self._out[stream] = [msg]
+        elif msg["op"] == "delete_data" and out[-1] is not None and \
+                out[-1]["op"] == "delete_data":
+            # Releasing many keys deletes them from a worker in one message, not one each
+            # (consecutive ones only: the order of a stream's messages is kept).
+            merged = self._merged.get(stream)
+            if merged is not out[-1]:  # the message may be shared with other streams: copy
+                merged = out[-1] = self._merged[stream] = {"op": "delete_data",
+                                                           "keys": list(out[-1]["keys"])}
+            merged["keys"].extend(msg["keys"])
         else:
             out.append(msg)
 

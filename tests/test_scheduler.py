@@ -58,3 +58,24 @@ def test_fetched_copy_of_a_key_recomputed_on_that_worker_is_kept():
     out = sched.worker_msgs(0.6, w1, "w1:1", [{"op": "task_finished", "key": "x",
                                                "nbytes": 8, "duration": 0.0}])
     assert "delete_data" not in ops(out, w1, "x") and x.state == MEMORY
+
+
+@pytest.mark.timeout(10)
+def test_releasing_many_keys_deletes_them_from_each_holder_in_one_message():
+    """A release of many keys sends each holder one delete_data naming them all, and a
+    message shared by two holders is not changed for the other one."""
+    sched = Scheduler(address="center:1", id="center")
+    w0, w1, client = Stream("w0"), Stream("w1"), Stream("client")
+    sched.worker_added(0.0, w0, "w0:1", 1)
+    sched.worker_added(0.0, w1, "w1:1", 1)
+    sched.client_added(0.0, client, "c")
+    keys = [f"k{i}" for i in range(5)]
+    sched.client_msgs(0.1, client, "c", [{"op": "update_graph", "tasks": [
+        (k, f"spec-{k}", (), {"workers": ["w0:1"]}) for k in keys], "wants": keys}])
+    sched.worker_msgs(0.2, w0, "w0:1", [{"op": "task_finished", "key": k, "nbytes": 8,
+                                         "duration": 0.01} for k in keys])
+    sched.worker_msgs(0.3, w1, "w1:1", [{"op": "add_keys", "keys": {"k0": 8, "k1": 8}}])
+    out = sched.client_msgs(0.4, client, "c", [{"op": "release", "keys": keys}])
+    assert out[w0] == [{"op": "delete_data", "keys": keys}]
+    assert out[w1] == [{"op": "delete_data", "keys": ["k0", "k1"]}]
+    assert not sched.tasks
