@@ -7,8 +7,18 @@ threads.  The thresholds are fractions of the worker's memory limit
 
   managed bytes > TARGET (60%)  --> spill least-recently-used keys until below
   process RSS  > SPILL (70%)    --> spill LRU keys until RSS < TARGET (or none left)
-  process RSS  > PAUSE (80%)    --> start no new task, tell the center; resume below
+  process RSS  > PAUSE (80%)    --> start no new task, tell the center
+  process RSS  < RESUME (75%)   --> resume (paused); also below PAUSE once nothing is left
+                                    to spill and it has been paused STUCK_RESUME_AFTER (1 s)
   process RSS  > TERMINATE (95%) --> the nanny kills the worker and starts a new one
+
+The gap between PAUSE and RESUME keeps a worker whose RSS hovers at the
+pause line from flapping (each flip is a message to the center).  A
+worker whose memory between the lines is not results (a library's
+caches, fragmentation: nothing it could spill) would wait there forever,
+and with every worker in that state a job would hang: it resumes below
+the pause line, as dask.distributed does, but not sooner than a second
+after it paused, so even then it flips at most once a second.
 
 The data flow of one key::
 
@@ -70,6 +80,14 @@ SPILL = 0.70
 
 PAUSE = 0.80
 """Process RSS above this fraction of the limit pauses the worker: it starts no new task."""
+
+RESUME = 0.75
+"""A paused worker resumes once its RSS is below this fraction of the limit: a few points
+under ``PAUSE``, so that a worker hovering at the pause line does not flap."""
+
+STUCK_RESUME_AFTER = 1.0
+"""Seconds after which a paused worker with nothing left to spill (or whose spilling fails)
+resumes below ``PAUSE`` even though it is above ``RESUME``: waiting could not free memory."""
 
 TERMINATE = 0.95
 """Process RSS above this fraction of the limit makes the nanny kill and restart the worker."""
@@ -468,6 +486,11 @@ class SpillBuffer(MutableMapping):
             spilled = self.slow[key]
         return False, self._read(key, spilled)
 
+    def spillable(self) -> bool:
+        """Whether some key in memory could be spilled (not pinned, not being written)."""
+        with self._lock:
+            return any(k not in self._pinned and k not in self._spilling for k in self.fast)
+
     def spill_one(self) -> int:
         """Write the least recently used key to disk; bytes freed (0: nothing to spill).
 
@@ -619,6 +642,7 @@ class MemoryManager:
         self._last_report_at = 0.0
         self._spill_retry_at = 0.0
         self._task_check_at = 0.0  # when a task thread last read the RSS
+        self._paused_at = 0.0
         self._pause_lock = threading.Lock()
         if limit:
             data.target = int(limit * TARGET)
@@ -675,7 +699,7 @@ class MemoryManager:
                 logger.exception("memory monitor failed")
 
     def _check_pause(self, rss: int) -> None:
-        paused = rss > PAUSE * self.limit
+        paused = self._wants_pause(rss)
         if paused == self.paused:
             return
         with self._pause_lock:
@@ -683,18 +707,42 @@ class MemoryManager:
                 return
             self._set_paused(paused, rss)
 
+    def _wants_pause(self, rss: int) -> bool:
+        """Pause above ``PAUSE``; once paused, stay so down to ``RESUME`` unless stuck."""
+        limit = self.limit
+        if not self.paused:
+            return rss > PAUSE * limit
+        if rss < RESUME * limit:
+            return False
+        return rss >= PAUSE * limit or not self._stuck()
+
+    def _stuck(self) -> bool:
+        """Paused for ``STUCK_RESUME_AFTER`` with nothing that spilling could free."""
+        now = time.monotonic()
+        if now - self._paused_at < STUCK_RESUME_AFTER:
+            return False
+        return now < self._spill_retry_at or not self.data.spillable()
+
     def _set_paused(self, paused: bool, rss: int) -> None:
         self.paused = paused
         if paused:
+            self._paused_at = time.monotonic()
             self.unpaused.clear()
             logger.warning("paused: memory use %s is above %.0f%% of the memory limit %s; "
-                           "starting no new task until it drops (managed %s, spilled %s)",
-                           format_bytes(rss), PAUSE * 100, format_bytes(self.limit),
+                           "starting no new task until it drops below %.0f%% (managed %s, "
+                           "spilled %s)", format_bytes(rss), PAUSE * 100,
+                           format_bytes(self.limit), RESUME * 100,
                            format_bytes(self.data.managed), format_bytes(self.data.spilled))
         else:
             self.unpaused.set()
-            logger.warning("resumed: memory use %s is below %.0f%% of the memory limit %s",
-                           format_bytes(rss), PAUSE * 100, format_bytes(self.limit))
+            if rss < RESUME * self.limit:
+                logger.warning("resumed: memory use %s is below %.0f%% of the memory limit %s",
+                               format_bytes(rss), RESUME * 100, format_bytes(self.limit))
+            else:
+                logger.warning("resumed: memory use %s is below %.0f%% of the memory limit %s "
+                               "and nothing is left to spill (managed %s)", format_bytes(rss),
+                               PAUSE * 100, format_bytes(self.limit),
+                               format_bytes(self.data.managed))
         self._last_report_at = 0.0  # say so at once
 
     def _trim(self, rss: int) -> int:

@@ -700,6 +700,10 @@ class Scheduler:
         else:
             logger.warning("worker %s resumed", ws.address)
             self._dirty[ws] = None
+        if self.history is not None:
+            self.history.event("worker-paused" if paused else "worker-resumed",
+                               f"worker {ws.address} {'paused' if paused else 'resumed'}: "
+                               f"managed {managed >> 20} MiB, unmanaged {unmanaged >> 20} MiB")
 
     def _on_add_keys(self, ws: WorkerState, keys: dict, from_registration: bool = False,
                      adopt: bool = False) -> None:

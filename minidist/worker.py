@@ -573,8 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-limit", default="auto", metavar="LIMIT",
                         help="memory per worker: bytes, '4GB', '512MiB', a fraction of the "
                              "machine (0.25), 'auto' (the machine's memory / --nworkers) or "
-                             "'none'; spill at 60%%, pause at 80%%, restart at 95%% "
-                             "(default auto)")
+                             "'none'; spill at 60%%, pause at 80%% (resume below 75%%), "
+                             "restart at 95%% (default auto)")
     parser.add_argument("--local-directory", default=None, metavar="DIR",
                         help="where spilled data goes: a fresh directory inside DIR, removed "
                              "when the worker stops (default: the temporary directory)")

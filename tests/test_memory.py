@@ -56,6 +56,21 @@ def hold(nbytes: int, path: str) -> int:
     return int(block[-1])
 
 
+def swing(low: int, high: int, seconds: float, swung: str, gate: str) -> int:
+    """Swing unmanaged memory between ``low`` and ``high`` bytes for ``seconds``, then hold
+    ``low`` until ``gate`` exists (``swung`` marks the end of the swinging)."""
+    block = np.ones(low, dtype=np.uint8)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        extra = np.ones(high - low, dtype=np.uint8)
+        time.sleep(0.07)
+        del extra
+        time.sleep(0.05)
+    open(swung, "w").close()
+    gates.wait_for_file(None, gate)
+    return int(block[-1])
+
+
 def big(i: int) -> list[bytes]:
     """50 MB in 50,000 small objects: what glibc keeps in its arenas once freed."""
     return [b"%d-%d" % (i, j) + bytes(1000) for j in range(50_000)]
@@ -230,6 +245,40 @@ def test_paused_worker_gets_no_new_tasks_and_still_serves_data(tmp_path):
         assert probe.result(30) == 42  # it resumed
         assert not any(w["paused"] for w in e.memory().values())
         assert cluster.workers[0].restarts == 0
+
+
+@pytest.mark.timeout(60)
+def test_pause_does_not_flap_and_a_stuck_worker_resumes(tmp_path, capfd):
+    """RSS swinging across the pause line pauses the worker about once a second, not at
+    every look; held between the lines with nothing to spill, it resumes; then it runs on."""
+    limit = 300 * MB
+    swung, gate = str(tmp_path / "swung"), str(tmp_path / "go")
+    with LocalCluster(1, 2, memory_limit=limit) as cluster, Executor(cluster) as e:
+        pid = cluster.workers[0].pid
+        assert e.submit(first_values, np.zeros(4)).result() == [0.0]  # numpy loaded there
+        base = process_rss(pid)
+        held = e.submit(swing, int(0.77 * limit) - base, int(0.84 * limit) - base, 3.0,
+                        swung, gate)
+        try:
+            wait_for(lambda: os.path.exists(swung) or held.done(), timeout=30,
+                     message="the task swings its memory")
+            assert not held.done(), held.exception()
+            log = capfd.readouterr().err
+            pauses = log.count("minidist.memory WARNING paused:")
+            assert 1 <= pauses <= 5, log  # at every look (every 0.1 s) it would be about 25
+            # Now held between the lines, with nothing to spill: it must not stay paused.
+            wait_for(lambda: not any(w["paused"] for w in e.memory().values()), timeout=10,
+                     message=f"the stuck worker resumes (RSS {process_rss(pid) / limit:.0%} "
+                             "of its limit)")
+            assert e.submit(inc, 41).result(10) == 42  # it runs tasks
+        finally:
+            open(gate, "w").close()
+        assert held.result(30) == 1
+        wait_for(lambda: process_rss(pid) < 0.5 * limit, message="memory falls well below")
+        assert not any(w["paused"] for w in e.memory().values())
+        assert cluster.workers[0].restarts == 0
+    log += capfd.readouterr().err
+    assert "nothing is left to spill" in log
 
 
 @pytest.mark.timeout(60)
