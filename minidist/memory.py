@@ -33,9 +33,11 @@ The data flow of one key::
 The lock guards only the two dicts; every read, write and (un)pickling
 happens outside it, so spilling never blocks another thread's access to
 other keys (nor to the key being spilled: it stays in ``fast`` until its
-file is complete).  A key whose file cannot be written (disk full, the
-directory gone) stays in memory; the error is logged, kept in ``error``
-and reported to the center, and spilling is retried after a pause.
+file is complete).  A spill directory that vanished (someone emptied
+tmp) is made again, once logged.  A key whose file cannot be written
+(disk full, the path not a directory) stays in memory; the error is
+logged, kept in ``error`` and reported to the center, and spilling is
+retried after a pause.
 
 Sizes come from ``sizeof``, a ``functools.singledispatch`` function users
 extend with ``minidist.sizeof.register(MyType)(fn)``.  The worker reports
@@ -529,7 +531,12 @@ class SpillBuffer(MutableMapping):
             return -1
         path = os.path.join(self.directory or ".", f"{next(self._names)}.spill")
         try:
-            written = _write_frames(path, frames)
+            try:
+                written = _write_frames(path, frames)
+            except FileNotFoundError:
+                if not self._remake_directory():
+                    raise
+                written = _write_frames(path, frames)
         except OSError as e:
             _unlink(path)
             self.error = f"cannot spill to {self.directory}: {e}"
@@ -552,6 +559,22 @@ class SpillBuffer(MutableMapping):
         self.spill_bytes += written
         self.spill_seconds += time.perf_counter() - start
         return nbytes
+
+    def _remake_directory(self) -> bool:
+        """Make the spill directory again if it vanished (a cleaner emptied tmp); True if made.
+
+        A path that exists but is not a directory is left alone: spilling errs.
+        """
+        directory = self.directory
+        if not directory or os.path.lexists(directory):
+            return False
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError:
+            return False
+        logger.error("spill directory %s vanished (keys spilled there are lost); made it "
+                     "again", directory)
+        return True
 
     # -- internals (the _lock held)
 

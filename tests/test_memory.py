@@ -283,7 +283,9 @@ def test_pause_does_not_flap_and_a_stuck_worker_resumes(tmp_path, capfd):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("damage", ["vanished", "not a directory"])
-def test_unwritable_spill_directory_errs_clearly_and_loses_nothing(tmp_path, damage):
+def test_unwritable_spill_directory_errs_clearly_and_loses_nothing(tmp_path, damage, capfd):
+    """A spill directory removed under the worker is made again at the next spill; a path
+    that is not a directory makes spilling err clearly, and keeps every key in memory."""
     limit = 500 * MB  # spill above 300 MB managed; pause above 400 MB of RSS
     parent = tmp_path / "spill"
     with LocalCluster(1, memory_limit=limit, local_directory=str(parent)) as cluster, \
@@ -295,22 +297,29 @@ def test_unwritable_spill_directory_errs_clearly_and_loses_nothing(tmp_path, dam
             directory.write_bytes(b"")
         futures = [e.submit(make, i) for i in range(32)]  # 320 MiB: over the target
         concurrent.futures.wait(futures, timeout=30)
-        (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spill_error"]
-                                       and w["managed"] >= 32 * CHUNK],
-                              message="the spill error is reported").__iter__()
-        assert str(directory) in figures["spill_error"]
-        assert figures["spilled"] == 0
+        if damage == "vanished":
+            (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spilled"]],
+                                  message="spilling goes on").__iter__()
+            assert figures["spill_error"] is None
+            assert directory.is_dir() and directory.stat().st_mode & 0o777 == 0o700
+            assert len(list(directory.iterdir())) > 0
+        else:
+            (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spill_error"]
+                                           and w["managed"] >= 32 * CHUNK],
+                                  message="the spill error is reported").__iter__()
+            assert str(directory) in figures["spill_error"]
+            assert "Not a directory" in figures["spill_error"]
+            assert figures["spilled"] == 0
         checks = e.gather([e.submit(check, f) for f in futures])
         assert [c[0] for c in checks] == [float(i) for i in range(32)]  # nothing lost
         assert first_values(*e.gather(futures[:3])) == [0.0, 1.0, 2.0]
-        if damage == "vanished":  # the directory is back: spilling resumes
-            directory.mkdir()
-            wait_for(lambda: all(w["spilled"] > 0 and w["spill_error"] is None
-                                 for w in e.memory().values()), timeout=20,
-                     message="spilling resumes")
         assert cluster.workers[0].restarts == 0
+    log = capfd.readouterr().err
     if damage == "vanished":
+        assert log.count(f"spill directory {directory} vanished") == 1, log
         assert list(parent.iterdir()) == []  # removed when the worker stopped
+    else:
+        assert f"cannot spill to {directory}" in log
 
 
 @pytest.mark.timeout(60)
