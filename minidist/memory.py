@@ -493,6 +493,25 @@ class SpillBuffer(MutableMapping):
         with self._lock:
             return any(k not in self._pinned and k not in self._spilling for k in self.fast)
 
+    def spill_kept(self) -> int:
+        """Drop from memory a key read back whose file is still valid; bytes freed (0: none).
+
+        It costs no write, so it works when the disk does not (full, gone).
+        """
+        with self._lock:
+            key = next((k for k in self.kept if k not in self._spilling), _NOTHING)
+            if key is _NOTHING:
+                return 0
+            return self._evict_kept(key)
+
+    def _evict_kept(self, key: Any) -> int:
+        nbytes = self.sizes.pop(key)
+        del self.fast[key]
+        self.managed -= nbytes
+        self.slow[key] = self.kept.pop(key)
+        self.spilled += nbytes
+        return nbytes
+
     def spill_one(self) -> int:
         """Write the least recently used key to disk; bytes freed (0: nothing to spill).
 
@@ -503,15 +522,9 @@ class SpillBuffer(MutableMapping):
                         and k not in self._spilling), _NOTHING)
             if key is _NOTHING:
                 return 0
+            if key in self.kept:  # read back earlier and its file kept: nothing to write
+                return self._evict_kept(key)
             value, nbytes = self.fast[key], self.sizes[key]
-            kept = self.kept.pop(key, None)
-            if kept is not None:  # read back earlier and its file kept: nothing to write
-                del self.fast[key]
-                del self.sizes[key]
-                self.managed -= nbytes
-                self.slow[key] = kept
-                self.spilled += nbytes
-                return nbytes
             self._spilling.add(key)
         try:
             return self._spill(key, value, nbytes)
@@ -806,7 +819,12 @@ class MemoryManager:
         after a failed write nobody tries again for ``SPILL_RETRY`` seconds.
         """
         data, limit = self.data, self.limit
-        if not limit or time.monotonic() < self._spill_retry_at:
+        if not limit:
+            return
+        if time.monotonic() < self._spill_retry_at:  # the disk failed: evict only what is there
+            while (data.managed > data.target or process_rss() > SPILL * limit) and \
+                    data.spill_kept():
+                pass
             return
         try:
             while data.managed > data.target and data.spill_one():

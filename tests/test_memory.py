@@ -322,6 +322,51 @@ def test_unwritable_spill_directory_errs_clearly_and_loses_nothing(tmp_path, dam
         assert f"cannot spill to {directory}" in log
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs mounted in ``tmp_path``: a disk that fills up (needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path = tmp_path / "disk"
+    path.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs",
+                            str(path)], capture_output=True, text=True, timeout=30)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], timeout=30)
+
+
+@pytest.mark.timeout(90)
+def test_full_disk_errs_clearly_and_loses_nothing(small_disk, capfd):
+    """377 MB of results, 77 MB over the target, and 64 MiB of disk: what fits is spilled,
+    the rest stays in memory, the worker says its disk is full and keeps serving."""
+    limit = 500 * MB  # spill above 300 MB managed; pause at 400 MB of RSS, restart at 475 MB
+    with LocalCluster(1, memory_limit=limit, local_directory=str(small_disk)) as cluster, \
+            Executor(cluster) as e:
+        pid = cluster.workers[0].pid
+        futures = [e.submit(make, i) for i in range(36)]  # 377 MB, RSS below the pause line
+        concurrent.futures.wait(futures, timeout=30)
+        (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spill_error"]
+                                       and w["managed"] + w["spilled"] >= 36 * CHUNK],
+                              message="the spill error is reported").__iter__()
+        assert "No space left on device" in figures["spill_error"], figures
+        assert 0 < figures["spilled"] <= 64 << 20  # what fitted
+        assert figures["managed"] > 0.6 * limit and not figures["paused"]  # the rest: in memory
+        checks = e.gather([e.submit(check, f) for f in futures])
+        assert checks == [(float(i), float(i) * (CHUNK // 8)) for i in range(36)]
+        assert first_values(*e.gather(futures)) == [float(i) for i in range(36)]
+        assert e.submit(inc, 1).result(30) == 2  # it keeps serving
+        assert cluster.workers[0].restarts == 0 and cluster.workers[0].pid == pid
+        del futures, checks
+        wait_for(lambda: all(w["managed"] == w["spilled"] == 0 for w in e.memory().values()),
+                 message="released keys leave memory and disk")
+    assert "No space left on device" in capfd.readouterr().err
+
+
 @pytest.mark.timeout(60)
 def test_dworker_memory_flags(spawn, tmp_path):
     """--memory-limit reaches every worker (auto: the machine split between them), and
