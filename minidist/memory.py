@@ -336,7 +336,14 @@ class _Spilled:
 
 
 class SpillError(OSError):
-    """A key could not be written to (or read back from) the local directory."""
+    """A key could not be written to (or read back from) the local directory.
+
+    ``key`` is the key whose file could not be read back (None for a write).
+    """
+
+    def __init__(self, message: str, key: Any = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _write_frames(path: str, value: wire.Serialized) -> int:
@@ -354,8 +361,14 @@ def _read_frames(path: str) -> wire.Serialized:
     """Read a file written by ``_write_frames`` straight into fresh buffers (writable, as
     the arrays were: a large one into a mapping the kernel populates in one go)."""
     with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
         count = _COUNT.unpack(_read_exactly(f, _COUNT.size))[0]
+        if not 0 < count <= wire.MAX_FRAMES or _COUNT.size + 8 * count > size:
+            raise SpillError(f"spill file {path} is damaged: bad frame count {count}")
         lengths = struct.unpack(f"!{count}Q", _read_exactly(f, 8 * count))
+        if _COUNT.size + 8 * count + sum(lengths) != size:
+            raise SpillError(f"spill file {path} is damaged: {size} bytes, expected "
+                             f"{_COUNT.size + 8 * count + sum(lengths)}")
         frames = []
         for i, n in enumerate(lengths):
             frame = wire._fresh_buffer(n) if i else bytearray(n)  # large: populated at once
@@ -421,7 +434,12 @@ class SpillBuffer(MutableMapping):
                 self.fast.move_to_end(key)
                 return self.fast[key]
             spilled = self.slow[key]
-        value = wire.deserialize(self._read(key, spilled))
+        frames = self._read(key, spilled)
+        try:
+            value = wire.deserialize(frames)
+        except Exception as e:  # this worker pickled it: the file was damaged
+            raise self._unreadable(key, spilled, e) from e
+        del frames
         with self._lock:
             if self.slow.get(key) is spilled:  # back into memory; its file is kept
                 del self.slow[key]
@@ -582,7 +600,9 @@ class SpillBuffer(MutableMapping):
         if not directory or os.path.lexists(directory):
             return False
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.makedirs(directory, mode=0o700)
+        except FileExistsError:  # another thread made it just now
+            return True
         except OSError:
             return False
         logger.error("spill directory %s vanished (keys spilled there are lost); made it "
@@ -619,9 +639,12 @@ class SpillBuffer(MutableMapping):
         except OSError as e:
             if key not in self:
                 raise KeyError(key) from None  # deleted while we read
-            logger.error("cannot read spilled key %r back from %s: %s", key, spilled.path, e)
-            raise SpillError(f"cannot read spilled key {key!r} back from {spilled.path}: "
-                             f"{e}") from e
+            raise self._unreadable(key, spilled, e) from e
+
+    def _unreadable(self, key: Any, spilled: _Spilled, error: Exception) -> SpillError:
+        logger.error("cannot read spilled key %r back from %s: %s", key, spilled.path, error)
+        return SpillError(f"cannot read spilled key {key!r} back from {spilled.path}: "
+                          f"{error}", key)
 
     def clear_files(self) -> None:
         """Forget every spilled key (the directory is going away)."""

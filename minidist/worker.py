@@ -41,7 +41,9 @@ Memory (``memory.py``): ``data`` is a ``SpillBuffer``, which moves least
 recently used keys to files in the worker's local directory when the
 memory limit's target is passed and reads them back when a task, peer or
 client asks for them; ``get_data`` sends a spilled key's file frames as
-they are.  A ``MemoryManager`` watches the RSS: above the pause
+they are.  A key whose file cannot be read back (deleted, damaged) is
+dropped and reported with ``lost_data``: the center recomputes it or errs
+whoever needs it.  A ``MemoryManager`` watches the RSS: above the pause
 threshold the task threads start nothing new (the center hears
 ``memory`` with ``paused`` and sends no more work) until it drops, and
 an idle worker trims freed memory.
@@ -493,6 +495,12 @@ class Worker:
         try:
             result = run(item.spec, self.data)
         except BaseException as e:  # a task must never take a worker thread down
+            if isinstance(e, SpillError) and e.key is not None and e.key != key:
+                # An input's spill file is gone or damaged: the center recomputes the
+                # input (or errs who needs it) and runs this task again.
+                self._lost([e.key], str(e))
+                self._send({"op": "missing_data", "key": key, "dep": e.key, "holders": []})
+                return
             blob, tb = pack_exception(e)
             self._send({"op": "task_erred", "key": key, "exception": blob, "traceback": tb,
                         "run": (start, time.time(), thread)})
@@ -513,15 +521,16 @@ class Worker:
     # ------------------------------------------------------------------ peer / client ops
 
     def _get_data(self, conn: Connection, keys: list) -> dict:
-        data, errors, missing = {}, {}, []
+        data, errors, missing, lost = {}, {}, [], {}
         for key in keys:
             try:
                 in_memory, value = self.data.serialized(key)
             except KeyError:
                 missing.append(key)
                 continue
-            except SpillError:  # logged; the key is lost here
+            except SpillError as e:  # logged; the key is lost here
                 missing.append(key)
+                lost[key] = str(e)
                 continue
             if not in_memory:  # a spilled key: its file's frames, as they are
                 data[key] = value
@@ -536,7 +545,16 @@ class Worker:
                 errors[key] = pack_exception(err)
                 self._send({"op": "data_erred", "key": key, "exception": errors[key][0],
                             "traceback": errors[key][1]})
+        if lost:
+            self._lost(list(lost), "; ".join(lost.values()))
         return {"data": data, "errors": errors, "missing": missing}
+
+    def _lost(self, keys: list, reason: str) -> None:
+        """Drop keys whose spill files cannot be read back and tell the center they are lost."""
+        for key in keys:
+            self.data.discard(key)
+            self.nbytes.pop(key, None)
+        self._send({"op": "lost_data", "keys": keys, "reason": reason})
 
     def _update_data(self, conn: Connection, data: dict) -> dict:
         nbytes = {}

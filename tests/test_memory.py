@@ -322,6 +322,56 @@ def test_unwritable_spill_directory_errs_clearly_and_loses_nothing(tmp_path, dam
         assert f"cannot spill to {directory}" in log
 
 
+def spill_files(parent) -> list:
+    return sorted(parent.glob("minidist-worker-*/*.spill"))
+
+
+@pytest.mark.timeout(90)
+def test_deleted_spill_file_of_a_computed_key_is_recomputed(tmp_path):
+    """Spill files deleted under the worker: their keys are recomputed from their tasks,
+    for the tasks that need them and for the client; the worker does not restart."""
+    limit = 200 * MB  # spill above 120 MB
+    with LocalCluster(1, memory_limit=limit, local_directory=str(tmp_path)) as cluster, \
+            Executor(cluster) as e:
+        pid = cluster.workers[0].pid
+        futures = [e.submit(make, i) for i in range(24)]  # 250 MB
+        concurrent.futures.wait(futures, timeout=30)
+        wait_for(lambda: sum(w["spilled"] for w in e.memory().values()) >= 10 * CHUNK,
+                 message="results spilled")
+        files = spill_files(tmp_path)
+        assert len(files) >= 10
+        for path in files:
+            path.unlink()
+        checks = e.gather([e.submit(check, f) for f in futures])  # dependents: recompute
+        assert checks == [(float(i), float(i) * (CHUNK // 8)) for i in range(24)]
+        for path in spill_files(tmp_path):  # the client's own fetch: recomputed too
+            path.unlink()
+        assert first_values(*e.gather(futures[:4])) == [0.0, 1.0, 2.0, 3.0]
+        assert cluster.workers[0].restarts == 0 and cluster.workers[0].pid == pid
+        assert e.submit(inc, 1).result(30) == 2
+
+
+@pytest.mark.timeout(90)
+def test_damaged_spill_file_of_a_scattered_key_errs_clearly(tmp_path):
+    """A scattered key has no task to recompute it from: whoever needs it errs, naming it."""
+    limit = 200 * MB
+    with LocalCluster(1, memory_limit=limit, local_directory=str(tmp_path)) as cluster, \
+            Executor(cluster) as e:
+        scattered = e.scatter([make(i) for i in range(24)])  # 250 MB: the oldest spilled
+        wait_for(lambda: sum(w["spilled"] for w in e.memory().values()) >= 10 * CHUNK,
+                 message="scattered data spilled")
+        for path in spill_files(tmp_path):
+            path.write_bytes(b"not what was written")
+        first, second = scattered[0], scattered[1]  # least recently used: on disk
+        with pytest.raises(minidist.LostKeyError, match=repr(first.key)):
+            e.submit(check, first).result(30)
+        with pytest.raises(minidist.LostKeyError, match=repr(second.key)):
+            second.result(30)
+        assert check(e.gather(scattered[-1])) == (23.0, 23.0 * (CHUNK // 8))  # in memory
+        assert cluster.workers[0].restarts == 0
+        assert e.submit(inc, 1).result(30) == 2
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 MiB tmpfs mounted in ``tmp_path``: a disk that fills up (needs root)."""
