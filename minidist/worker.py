@@ -516,7 +516,6 @@ class Worker:
         if value is not None:
             msg["value"] = value
         self._send(msg)
-        self.memory.after_put()
 
     # ------------------------------------------------------------------ peer / client ops
 
