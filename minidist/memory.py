@@ -94,6 +94,11 @@ resumes below ``PAUSE`` even though it is above ``RESUME``: waiting could not fr
 TERMINATE = 0.95
 """Process RSS above this fraction of the limit makes the nanny kill and restart the worker."""
 
+READ_BUDGET = 0.10
+"""One ``get_data`` reply reads back from disk spilled keys worth at most this fraction of
+the limit (at least one key); it names the rest as ``later``, and the caller asks again.
+Serving a gather of everything a worker spilled must not take it past its limit."""
+
 MONITOR_INTERVAL = 0.1
 """Seconds between two looks at the process's RSS."""
 
@@ -506,6 +511,11 @@ class SpillBuffer(MutableMapping):
             spilled = self.slow[key]
         return False, self._read(key, spilled)
 
+    def on_disk(self, key: Any) -> int:
+        """In-memory bytes of ``key`` if it is spilled (reading it costs that much), else 0."""
+        spilled = self.slow.get(key)
+        return spilled.nbytes if spilled is not None else 0
+
     def spillable(self) -> bool:
         """Whether some key in memory could be spilled (not pinned, not being written)."""
         with self._lock:
@@ -726,6 +736,10 @@ class MemoryManager:
         return {"managed": data.managed, "spilled": data.spilled,
                 "unmanaged": max(0, rss - data.managed), "paused": self.paused,
                 "limit": self.limit, "spill_error": data.error}
+
+    def read_budget(self) -> int | None:
+        """Bytes of spilled keys one ``get_data`` reply may read back (None: no limit)."""
+        return int(self.limit * READ_BUDGET) if self.limit else None
 
     def resend(self) -> None:
         """Report the figures at the next look (after registering with a center again)."""

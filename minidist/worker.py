@@ -437,15 +437,19 @@ class Worker:
             self._send({"op": "add_keys", "keys": added})
 
     def _get_from(self, holder: str, keys: list) -> tuple[dict, dict]:
-        try:
-            reply = self._peers.call(holder, "get_data", keys=keys)
-        except (ConnectionError, wire.RemoteError, OSError) as e:
-            logger.info("could not fetch %d keys from %s: %s", len(keys), holder, e)
-            return {}, {}
-        got = {}
-        for key, blob in reply["data"].items():
-            got[key] = wire.deserialize(blob)
-        return got, reply.get("errors", {})
+        got: dict = {}
+        errors: dict = {}
+        while keys:  # a holder reading spilled keys back sends them a few at a time
+            try:
+                reply = self._peers.call(holder, "get_data", keys=keys)
+            except (ConnectionError, wire.RemoteError, OSError) as e:
+                logger.info("could not fetch %d keys from %s: %s", len(keys), holder, e)
+                break
+            for key, blob in reply["data"].items():
+                got[key] = wire.deserialize(blob)
+            errors.update(reply.get("errors", {}))
+            keys = reply.get("later") or []
+        return got, errors
 
     def _input_arrived(self, item: _TaskItem, fut: _Future) -> None:
         exc = fut.exception()
@@ -520,8 +524,15 @@ class Worker:
     # ------------------------------------------------------------------ peer / client ops
 
     def _get_data(self, conn: Connection, keys: list) -> dict:
-        data, errors, missing, lost = {}, {}, [], {}
+        data, errors, missing, lost, later = {}, {}, [], {}, []
+        budget, spent = self.memory.read_budget(), 0
         for key in keys:
+            cost = self.data.on_disk(key) if budget is not None else 0
+            if cost:  # spilled keys beyond the budget: in the next request
+                if spent and spent + cost > budget:
+                    later.append(key)
+                    continue
+                spent += cost
             try:
                 in_memory, value = self.data.serialized(key)
             except KeyError:
@@ -546,7 +557,7 @@ class Worker:
                             "traceback": errors[key][1]})
         if lost:
             self._lost(list(lost), "; ".join(lost.values()))
-        return {"data": data, "errors": errors, "missing": missing}
+        return {"data": data, "errors": errors, "missing": missing, "later": later}
 
     def _lost(self, keys: list, reason: str) -> None:
         """Drop keys whose spill files cannot be read back and tell the center they are lost."""

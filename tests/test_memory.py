@@ -193,6 +193,22 @@ def test_job_twice_the_memory_spills_and_completes():
 
 
 @pytest.mark.timeout(90)
+def test_gathering_more_spilled_data_than_the_limit_at_once():
+    """A client gathers everything a worker holds, most of it on disk and more than its
+    limit in all: the worker reads it back a few keys per reply and is not restarted."""
+    limit = 200 * MB
+    with LocalCluster(1, memory_limit=limit) as cluster, Executor(cluster) as e:
+        pid = cluster.workers[0].pid
+        futures = [e.submit(make, i) for i in range(30)]  # 315 MB, about 200 MB spilled
+        concurrent.futures.wait(futures, timeout=30)
+        wait_for(lambda: sum(w["spilled"] for w in e.memory().values()) >= 15 * CHUNK,
+                 message="results spilled")
+        assert first_values(*e.gather(futures)) == [float(i) for i in range(30)]
+        assert peak_rss(pid) <= 0.95 * limit
+        assert cluster.workers[0].restarts == 0 and cluster.workers[0].pid == pid
+
+
+@pytest.mark.timeout(90)
 def test_runaway_task_restarts_its_worker_and_errs_with_killed_worker():
     limit = 200 * MB
     with LocalCluster(2, memory_limit=limit, allowed_failures=2) as cluster, \
