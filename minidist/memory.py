@@ -23,8 +23,8 @@ after it paused, so even then it flips at most once a second.
 The data flow of one key::
 
   task thread --put(key, value, nbytes)--> fast (dict, LRU order)
-      over the target: the spill thread is woken and writes while the next task runs;
-      a task thread spills itself only when RSS passes SPILL (the disk is behind)
+      over the target: the task thread spills before its next task (the producer pays),
+      and the spill thread is woken for data that arrived otherwise (peers, scatter)
   spilling: pick LRU key -> serialize (protocol 5, buffers out of band) -> write file
             -> under the lock, if the key still holds that value: move it to slow
   task thread --data[key]--> fast? value : read file -> unpickle -> back into fast
@@ -896,6 +896,14 @@ class MemoryManager:
             rss = process_rss()
         self._check_pause(rss)
 
+    def after_put(self) -> None:
+        """On the thread that stored a result: spill what is over the target, right now.
+
+        The producer pays for its own spilling, so a fast task cannot fill
+        memory faster than the disk takes it.
+        """
+        if self.limit and self.data.managed > self.data.target:
+            self.spill()
 
 
 # ---------------------------------------------------------------------- the directory

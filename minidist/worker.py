@@ -520,6 +520,7 @@ class Worker:
         if value is not None:
             msg["value"] = value
         self._send(msg)
+        self.memory.after_put()
 
     # ------------------------------------------------------------------ peer / client ops
 
