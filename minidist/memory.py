@@ -28,7 +28,10 @@ The data flow of one key::
   spilling: pick LRU key -> serialize (protocol 5, buffers out of band) -> write file
             -> under the lock, if the key still holds that value: move it to slow
   task thread --data[key]--> fast? value : read file -> unpickle -> back into fast
-  get_data    --serialized(key)--> fast? value : the file's frames as they are (no unpickling)
+  get_data    --serialized(key)--> fast? value : the file's frames as they are (no unpickling),
+              spilled keys worth at most READ_BUDGET of the limit per reply, the rest "later"
+  a file gone or damaged (its size is checked, it must unpickle): SpillError naming the key;
+              the worker drops the key and reports it lost (``lost_data``) to the center
 
 The lock guards only the two dicts; every read, write and (un)pickling
 happens outside it, so spilling never blocks another thread's access to
