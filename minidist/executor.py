@@ -965,15 +965,20 @@ class Executor(concurrent.futures.Executor):
             raise TimeoutError(f"timed out fetching {len(keys)} keys from workers") from None
 
     def _get_data(self, address: str, keys: list) -> tuple[str, dict, list]:
-        try:
-            reply = self._pool.call(address, "get_data", keys=keys)
-        except (ConnectionError, OSError) as e:
-            logger.info("could not fetch from %s: %s", address, e)
-            return address, {}, keys
-        got = {key: _load(key, blob) for key, blob in reply["data"].items()}
-        for key, (blob, tb) in (reply.get("errors") or {}).items():
-            got[key] = _Unloadable(unpack_exception(blob, tb))
-        return address, got, list(reply.get("missing") or ())
+        got: dict = {}
+        missing: list = []
+        while keys:  # a worker reading spilled keys back sends them a few at a time
+            try:
+                reply = self._pool.call(address, "get_data", keys=keys)
+            except (ConnectionError, OSError) as e:
+                logger.info("could not fetch from %s: %s", address, e)
+                return address, got, missing + keys
+            got.update((key, _load(key, blob)) for key, blob in reply["data"].items())
+            for key, (blob, tb) in (reply.get("errors") or {}).items():
+                got[key] = _Unloadable(unpack_exception(blob, tb))
+            missing.extend(reply.get("missing") or ())
+            keys = list(reply.get("later") or ())
+        return address, got, missing
 
     def _wait_for_news(self, keys: list, generations: dict, end: float | None) -> None:
         with self._news:

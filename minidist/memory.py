@@ -7,8 +7,18 @@ threads.  The thresholds are fractions of the worker's memory limit
 
   managed bytes > TARGET (60%)  --> spill least-recently-used keys until below
   process RSS  > SPILL (70%)    --> spill LRU keys until RSS < TARGET (or none left)
-  process RSS  > PAUSE (80%)    --> start no new task, tell the center; resume below
+  process RSS  > PAUSE (80%)    --> start no new task, tell the center
+  process RSS  < RESUME (75%)   --> resume (paused); also below PAUSE once nothing is left
+                                    to spill and it has been paused STUCK_RESUME_AFTER (1 s)
   process RSS  > TERMINATE (95%) --> the nanny kills the worker and starts a new one
+
+The gap between PAUSE and RESUME keeps a worker whose RSS hovers at the
+pause line from flapping (each flip is a message to the center).  A
+worker whose memory between the lines is not results (a library's
+caches, fragmentation: nothing it could spill) would wait there forever,
+and with every worker in that state a job would hang: it resumes below
+the pause line, as dask.distributed does, but not sooner than a second
+after it paused, so even then it flips at most once a second.
 
 The data flow of one key::
 
@@ -18,14 +28,19 @@ The data flow of one key::
   spilling: pick LRU key -> serialize (protocol 5, buffers out of band) -> write file
             -> under the lock, if the key still holds that value: move it to slow
   task thread --data[key]--> fast? value : read file -> unpickle -> back into fast
-  get_data    --serialized(key)--> fast? value : the file's frames as they are (no unpickling)
+  get_data    --serialized(key)--> fast? value : the file's frames as they are (no unpickling),
+              spilled keys worth at most READ_BUDGET of the limit per reply, the rest "later"
+  a file gone or damaged (its size is checked, it must unpickle): SpillError naming the key;
+              the worker drops the key and reports it lost (``lost_data``) to the center
 
 The lock guards only the two dicts; every read, write and (un)pickling
 happens outside it, so spilling never blocks another thread's access to
 other keys (nor to the key being spilled: it stays in ``fast`` until its
-file is complete).  A key whose file cannot be written (disk full, the
-directory gone) stays in memory; the error is logged, kept in ``error``
-and reported to the center, and spilling is retried after a pause.
+file is complete).  A spill directory that vanished (someone emptied
+tmp) is made again, once logged.  A key whose file cannot be written
+(disk full, the path not a directory) stays in memory; the error is
+logged, kept in ``error`` and reported to the center, and spilling is
+retried after a pause.
 
 Sizes come from ``sizeof``, a ``functools.singledispatch`` function users
 extend with ``minidist.sizeof.register(MyType)(fn)``.  The worker reports
@@ -71,8 +86,21 @@ SPILL = 0.70
 PAUSE = 0.80
 """Process RSS above this fraction of the limit pauses the worker: it starts no new task."""
 
+RESUME = 0.75
+"""A paused worker resumes once its RSS is below this fraction of the limit: a few points
+under ``PAUSE``, so that a worker hovering at the pause line does not flap."""
+
+STUCK_RESUME_AFTER = 1.0
+"""Seconds after which a paused worker with nothing left to spill (or whose spilling fails)
+resumes below ``PAUSE`` even though it is above ``RESUME``: waiting could not free memory."""
+
 TERMINATE = 0.95
 """Process RSS above this fraction of the limit makes the nanny kill and restart the worker."""
+
+READ_BUDGET = 0.10
+"""One ``get_data`` reply reads back from disk spilled keys worth at most this fraction of
+the limit (at least one key); it names the rest as ``later``, and the caller asks again.
+Serving a gather of everything a worker spilled must not take it past its limit."""
 
 MONITOR_INTERVAL = 0.1
 """Seconds between two looks at the process's RSS."""
@@ -316,7 +344,14 @@ class _Spilled:
 
 
 class SpillError(OSError):
-    """A key could not be written to (or read back from) the local directory."""
+    """A key could not be written to (or read back from) the local directory.
+
+    ``key`` is the key whose file could not be read back (None for a write).
+    """
+
+    def __init__(self, message: str, key: Any = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _write_frames(path: str, value: wire.Serialized) -> int:
@@ -334,8 +369,14 @@ def _read_frames(path: str) -> wire.Serialized:
     """Read a file written by ``_write_frames`` straight into fresh buffers (writable, as
     the arrays were: a large one into a mapping the kernel populates in one go)."""
     with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
         count = _COUNT.unpack(_read_exactly(f, _COUNT.size))[0]
+        if not 0 < count <= wire.MAX_FRAMES or _COUNT.size + 8 * count > size:
+            raise SpillError(f"spill file {path} is damaged: bad frame count {count}")
         lengths = struct.unpack(f"!{count}Q", _read_exactly(f, 8 * count))
+        if _COUNT.size + 8 * count + sum(lengths) != size:
+            raise SpillError(f"spill file {path} is damaged: {size} bytes, expected "
+                             f"{_COUNT.size + 8 * count + sum(lengths)}")
         frames = []
         for i, n in enumerate(lengths):
             frame = wire.fresh_buffer(n) if i else bytearray(n)  # large: a mapping of its own
@@ -401,7 +442,12 @@ class SpillBuffer(MutableMapping):
                 self.fast.move_to_end(key)
                 return self.fast[key]
             spilled = self.slow[key]
-        value = wire.deserialize(self._read(key, spilled))
+        frames = self._read(key, spilled)
+        try:
+            value = wire.deserialize(frames)
+        except Exception as e:  # this worker pickled it: the file was damaged
+            raise self._unreadable(key, spilled, e) from e
+        del frames
         with self._lock:
             if self.slow.get(key) is spilled:  # back into memory; its file is kept
                 del self.slow[key]
@@ -468,6 +514,35 @@ class SpillBuffer(MutableMapping):
             spilled = self.slow[key]
         return False, self._read(key, spilled)
 
+    def on_disk(self, key: Any) -> int:
+        """In-memory bytes of ``key`` if it is spilled (reading it costs that much), else 0."""
+        spilled = self.slow.get(key)
+        return spilled.nbytes if spilled is not None else 0
+
+    def spillable(self) -> bool:
+        """Whether some key in memory could be spilled (not pinned, not being written)."""
+        with self._lock:
+            return any(k not in self._pinned and k not in self._spilling for k in self.fast)
+
+    def spill_kept(self) -> int:
+        """Drop from memory a key read back whose file is still valid; bytes freed (0: none).
+
+        It costs no write, so it works when the disk does not (full, gone).
+        """
+        with self._lock:
+            key = next((k for k in self.kept if k not in self._spilling), _NOTHING)
+            if key is _NOTHING:
+                return 0
+            return self._evict_kept(key)
+
+    def _evict_kept(self, key: Any) -> int:
+        nbytes = self.sizes.pop(key)
+        del self.fast[key]
+        self.managed -= nbytes
+        self.slow[key] = self.kept.pop(key)
+        self.spilled += nbytes
+        return nbytes
+
     def spill_one(self) -> int:
         """Write the least recently used key to disk; bytes freed (0: nothing to spill).
 
@@ -478,15 +553,9 @@ class SpillBuffer(MutableMapping):
                         and k not in self._spilling), _NOTHING)
             if key is _NOTHING:
                 return 0
+            if key in self.kept:  # read back earlier and its file kept: nothing to write
+                return self._evict_kept(key)
             value, nbytes = self.fast[key], self.sizes[key]
-            kept = self.kept.pop(key, None)
-            if kept is not None:  # read back earlier and its file kept: nothing to write
-                del self.fast[key]
-                del self.sizes[key]
-                self.managed -= nbytes
-                self.slow[key] = kept
-                self.spilled += nbytes
-                return nbytes
             self._spilling.add(key)
         try:
             return self._spill(key, value, nbytes)
@@ -506,7 +575,12 @@ class SpillBuffer(MutableMapping):
             return -1
         path = os.path.join(self.directory or ".", f"{next(self._names)}.spill")
         try:
-            written = _write_frames(path, frames)
+            try:
+                written = _write_frames(path, frames)
+            except FileNotFoundError:
+                if not self._remake_directory():
+                    raise
+                written = _write_frames(path, frames)
         except OSError as e:
             _unlink(path)
             self.error = f"cannot spill to {self.directory}: {e}"
@@ -529,6 +603,24 @@ class SpillBuffer(MutableMapping):
         self.spill_bytes += written
         self.spill_seconds += time.perf_counter() - start
         return nbytes
+
+    def _remake_directory(self) -> bool:
+        """Make the spill directory again if it vanished (a cleaner emptied tmp); True if made.
+
+        A path that exists but is not a directory is left alone: spilling errs.
+        """
+        directory = self.directory
+        if not directory or os.path.lexists(directory):
+            return False
+        try:
+            os.makedirs(directory, mode=0o700)
+        except FileExistsError:  # another thread made it just now
+            return True
+        except OSError:
+            return False
+        logger.error("spill directory %s vanished (keys spilled there are lost); made it "
+                     "again", directory)
+        return True
 
     # -- internals (the _lock held)
 
@@ -560,9 +652,12 @@ class SpillBuffer(MutableMapping):
         except OSError as e:
             if key not in self:
                 raise KeyError(key) from None  # deleted while we read
-            logger.error("cannot read spilled key %r back from %s: %s", key, spilled.path, e)
-            raise SpillError(f"cannot read spilled key {key!r} back from {spilled.path}: "
-                             f"{e}") from e
+            raise self._unreadable(key, spilled, e) from e
+
+    def _unreadable(self, key: Any, spilled: _Spilled, error: Exception) -> SpillError:
+        logger.error("cannot read spilled key %r back from %s: %s", key, spilled.path, error)
+        return SpillError(f"cannot read spilled key {key!r} back from {spilled.path}: "
+                          f"{error}", key)
 
     def clear_files(self) -> None:
         """Forget every spilled key (the directory is going away)."""
@@ -619,6 +714,7 @@ class MemoryManager:
         self._last_report_at = 0.0
         self._spill_retry_at = 0.0
         self._task_check_at = 0.0  # when a task thread last read the RSS
+        self._paused_at = 0.0
         self._pause_lock = threading.Lock()
         if limit:
             data.target = int(limit * TARGET)
@@ -643,6 +739,10 @@ class MemoryManager:
         return {"managed": data.managed, "spilled": data.spilled,
                 "unmanaged": max(0, rss - data.managed), "paused": self.paused,
                 "limit": self.limit, "spill_error": data.error}
+
+    def read_budget(self) -> int | None:
+        """Bytes of spilled keys one ``get_data`` reply may read back (None: no limit)."""
+        return int(self.limit * READ_BUDGET) if self.limit else None
 
     def resend(self) -> None:
         """Report the figures at the next look (after registering with a center again)."""
@@ -675,7 +775,7 @@ class MemoryManager:
                 logger.exception("memory monitor failed")
 
     def _check_pause(self, rss: int) -> None:
-        paused = rss > PAUSE * self.limit
+        paused = self._wants_pause(rss)
         if paused == self.paused:
             return
         with self._pause_lock:
@@ -683,18 +783,42 @@ class MemoryManager:
                 return
             self._set_paused(paused, rss)
 
+    def _wants_pause(self, rss: int) -> bool:
+        """Pause above ``PAUSE``; once paused, stay so down to ``RESUME`` unless stuck."""
+        limit = self.limit
+        if not self.paused:
+            return rss > PAUSE * limit
+        if rss < RESUME * limit:
+            return False
+        return rss >= PAUSE * limit or not self._stuck()
+
+    def _stuck(self) -> bool:
+        """Paused for ``STUCK_RESUME_AFTER`` with nothing that spilling could free."""
+        now = time.monotonic()
+        if now - self._paused_at < STUCK_RESUME_AFTER:
+            return False
+        return now < self._spill_retry_at or not self.data.spillable()
+
     def _set_paused(self, paused: bool, rss: int) -> None:
         self.paused = paused
         if paused:
+            self._paused_at = time.monotonic()
             self.unpaused.clear()
             logger.warning("paused: memory use %s is above %.0f%% of the memory limit %s; "
-                           "starting no new task until it drops (managed %s, spilled %s)",
-                           format_bytes(rss), PAUSE * 100, format_bytes(self.limit),
+                           "starting no new task until it drops below %.0f%% (managed %s, "
+                           "spilled %s)", format_bytes(rss), PAUSE * 100,
+                           format_bytes(self.limit), RESUME * 100,
                            format_bytes(self.data.managed), format_bytes(self.data.spilled))
         else:
             self.unpaused.set()
-            logger.warning("resumed: memory use %s is below %.0f%% of the memory limit %s",
-                           format_bytes(rss), PAUSE * 100, format_bytes(self.limit))
+            if rss < RESUME * self.limit:
+                logger.warning("resumed: memory use %s is below %.0f%% of the memory limit %s",
+                               format_bytes(rss), RESUME * 100, format_bytes(self.limit))
+            else:
+                logger.warning("resumed: memory use %s is below %.0f%% of the memory limit %s "
+                               "and nothing is left to spill (managed %s)", format_bytes(rss),
+                               PAUSE * 100, format_bytes(self.limit),
+                               format_bytes(self.data.managed))
         self._last_report_at = 0.0  # say so at once
 
     def _trim(self, rss: int) -> int:
@@ -735,7 +859,12 @@ class MemoryManager:
         after a failed write nobody tries again for ``SPILL_RETRY`` seconds.
         """
         data, limit = self.data, self.limit
-        if not limit or time.monotonic() < self._spill_retry_at:
+        if not limit:
+            return
+        if time.monotonic() < self._spill_retry_at:  # the disk failed: evict only what is there
+            while (data.managed > data.target or process_rss() > SPILL * limit) and \
+                    data.spill_kept():
+                pass
             return
         try:
             while data.managed > data.target and data.spill_one():

@@ -10,9 +10,9 @@ current time, and each event returns the messages to send, per stream::
   ---------------------------------------------------      ------------------------------
   worker registered             -> worker_added(now, stream, address, ...)
   batch read from a worker      -> worker_msgs(now, stream, address, batch)
-                                     task_finished, task_erred, missing_data, data_erred,
-                                     steal_response, add_keys, heartbeat, memory,
-                                     unregister
+                                     task_finished, task_erred, missing_data, lost_data,
+                                     data_erred, steal_response, add_keys, heartbeat,
+                                     memory, unregister
   worker stream closed/silent   -> worker_removed(now, address, reason, stream)
   client registered / left      -> client_added / client_removed(now, stream, client_id)
   batch read from a client      -> client_msgs(now, stream, client_id, batch)
@@ -322,6 +322,7 @@ class Scheduler:
             "task_finished": self._on_task_finished,
             "task_erred": self._on_task_erred,
             "missing_data": self._on_missing_data,
+            "lost_data": self._on_lost_data,
             "data_erred": self._on_data_erred,
             "steal_response": self._on_steal_response,
             "add_keys": self._on_add_keys,
@@ -677,6 +678,41 @@ class Scheduler:
         self._unschedule(ts)
         self._activate([ts])
 
+    def _on_lost_data(self, ws: WorkerState, keys: Iterable, reason: str = "") -> None:
+        """``ws`` no longer holds ``keys`` (their spill files could not be read back).
+
+        As for keys that died with a worker: a key with copies elsewhere
+        lives on; one still needed is recomputed, with the tasks waiting on
+        it, or lost (its waiters err) if it has no task to recompute it from.
+        """
+        restart: list[TaskState] = []
+        for key in keys:
+            ts = self.tasks.get(key)
+            if ts is None or ts not in ws.has_what:
+                continue
+            del ws.has_what[ts]
+            ws.nbytes -= ts.nbytes
+            if ts.who_has is not None:
+                ts.who_has.pop(ws, None)
+            if ts.who_has or ts.state != MEMORY:
+                continue
+            ts.state = RELEASED
+            if not ts.needed():
+                self._forget_if_unreferenced(ts)
+                continue
+            if ts.spec is None:
+                self._lose(ts, f"key {key_name(key)!r} was lost on worker {ws.address} "
+                               f"({reason}) and has no task to recompute it from")
+                continue
+            logger.warning("key %s was lost on worker %s (%s); recomputing it",
+                           key_name(key), ws.address, reason)
+            restart.append(ts)
+            for waiter in list(ts.waiters or ()):
+                if waiter.state in SCHEDULED or waiter.state == WAITING:
+                    self._unschedule(waiter)
+                    restart.append(waiter)
+        self._activate(restart)
+
     def _on_data_erred(self, ws: WorkerState, key: Any, exception: Serialized,
                        traceback: str) -> None:
         """A result in memory cannot be sent anywhere (it does not pickle): it is an error."""
@@ -711,6 +747,10 @@ class Scheduler:
         else:
             logger.warning("worker %s resumed", ws.address)
             self._dirty[ws] = None
+        if self.history is not None:
+            self.history.event("worker-paused" if paused else "worker-resumed",
+                               f"worker {ws.address} {'paused' if paused else 'resumed'}: "
+                               f"managed {managed >> 20} MiB, unmanaged {unmanaged >> 20} MiB")
 
     def _on_add_keys(self, ws: WorkerState, keys: dict, from_registration: bool = False,
                      adopt: bool = False) -> None:

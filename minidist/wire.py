@@ -1130,6 +1130,7 @@ class Server:
                 conn.send(reply)
             except ConnectionError:
                 return
+            msg = reply = None  # not held while waiting: a reply may be a spilled key's frames
 
     def stop(self) -> None:
         """Stop accepting and close every open connection."""

@@ -41,7 +41,9 @@ Memory (``memory.py``): ``data`` is a ``SpillBuffer``, which moves least
 recently used keys to files in the worker's local directory when the
 memory limit's target is passed and reads them back when a task, peer or
 client asks for them; ``get_data`` sends a spilled key's file frames as
-they are.  A ``MemoryManager`` watches the RSS: above the pause
+they are.  A key whose file cannot be read back (deleted, damaged) is
+dropped and reported with ``lost_data``: the center recomputes it or errs
+whoever needs it.  A ``MemoryManager`` watches the RSS: above the pause
 threshold the task threads start nothing new (the center hears
 ``memory`` with ``paused`` and sends no more work) until it drops, and
 an idle worker trims freed memory.
@@ -435,15 +437,19 @@ class Worker:
             self._send({"op": "add_keys", "keys": added})
 
     def _get_from(self, holder: str, keys: list) -> tuple[dict, dict]:
-        try:
-            reply = self._peers.call(holder, "get_data", keys=keys)
-        except (ConnectionError, wire.RemoteError, OSError) as e:
-            logger.info("could not fetch %d keys from %s: %s", len(keys), holder, e)
-            return {}, {}
-        got = {}
-        for key, blob in reply["data"].items():
-            got[key] = wire.deserialize(blob)
-        return got, reply.get("errors", {})
+        got: dict = {}
+        errors: dict = {}
+        while keys:  # a holder reading spilled keys back sends them a few at a time
+            try:
+                reply = self._peers.call(holder, "get_data", keys=keys)
+            except (ConnectionError, wire.RemoteError, OSError) as e:
+                logger.info("could not fetch %d keys from %s: %s", len(keys), holder, e)
+                break
+            for key, blob in reply["data"].items():
+                got[key] = wire.deserialize(blob)
+            errors.update(reply.get("errors", {}))
+            keys = reply.get("later") or []
+        return got, errors
 
     def _input_arrived(self, item: _TaskItem, fut: _Future) -> None:
         exc = fut.exception()
@@ -493,6 +499,12 @@ class Worker:
         try:
             result = run(item.spec, self.data)
         except BaseException as e:  # a task must never take a worker thread down
+            if isinstance(e, SpillError) and e.key is not None and e.key != key:
+                # An input's spill file is gone or damaged: the center recomputes the
+                # input (or errs who needs it) and runs this task again.
+                self._lost([e.key], str(e))
+                self._send({"op": "missing_data", "key": key, "dep": e.key, "holders": []})
+                return
             blob, tb = pack_exception(e)
             self._send({"op": "task_erred", "key": key, "exception": blob, "traceback": tb,
                         "run": (start, time.time(), thread)})
@@ -513,15 +525,23 @@ class Worker:
     # ------------------------------------------------------------------ peer / client ops
 
     def _get_data(self, conn: Connection, keys: list) -> dict:
-        data, errors, missing = {}, {}, []
+        data, errors, missing, lost, later = {}, {}, [], {}, []
+        budget, spent = self.memory.read_budget(), 0
         for key in keys:
+            cost = self.data.on_disk(key) if budget is not None else 0
+            if cost:  # spilled keys beyond the budget: in the next request
+                if spent and spent + cost > budget:
+                    later.append(key)
+                    continue
+                spent += cost
             try:
                 in_memory, value = self.data.serialized(key)
             except KeyError:
                 missing.append(key)
                 continue
-            except SpillError:  # logged; the key is lost here
+            except SpillError as e:  # logged; the key is lost here
                 missing.append(key)
+                lost[key] = str(e)
                 continue
             if not in_memory:  # a spilled key: its file's frames, as they are
                 data[key] = value
@@ -536,7 +556,16 @@ class Worker:
                 errors[key] = pack_exception(err)
                 self._send({"op": "data_erred", "key": key, "exception": errors[key][0],
                             "traceback": errors[key][1]})
-        return {"data": data, "errors": errors, "missing": missing}
+        if lost:
+            self._lost(list(lost), "; ".join(lost.values()))
+        return {"data": data, "errors": errors, "missing": missing, "later": later}
+
+    def _lost(self, keys: list, reason: str) -> None:
+        """Drop keys whose spill files cannot be read back and tell the center they are lost."""
+        for key in keys:
+            self.data.discard(key)
+            self.nbytes.pop(key, None)
+        self._send({"op": "lost_data", "keys": keys, "reason": reason})
 
     def _update_data(self, conn: Connection, data: dict) -> dict:
         nbytes = {}
@@ -573,8 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-limit", default="auto", metavar="LIMIT",
                         help="memory per worker: bytes, '4GB', '512MiB', a fraction of the "
                              "machine (0.25), 'auto' (the machine's memory / --nworkers) or "
-                             "'none'; spill at 60%%, pause at 80%%, restart at 95%% "
-                             "(default auto)")
+                             "'none'; spill at 60%%, pause at 80%% (resume below 75%%), "
+                             "restart at 95%% (default auto)")
     parser.add_argument("--local-directory", default=None, metavar="DIR",
                         help="where spilled data goes: a fresh directory inside DIR, removed "
                              "when the worker stops (default: the temporary directory)")

@@ -56,6 +56,21 @@ def hold(nbytes: int, path: str) -> int:
     return int(block[-1])
 
 
+def swing(low: int, high: int, seconds: float, swung: str, gate: str) -> int:
+    """Swing unmanaged memory between ``low`` and ``high`` bytes for ``seconds``, then hold
+    ``low`` until ``gate`` exists (``swung`` marks the end of the swinging)."""
+    block = np.ones(low, dtype=np.uint8)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        extra = np.ones(high - low, dtype=np.uint8)
+        time.sleep(0.07)
+        del extra
+        time.sleep(0.05)
+    open(swung, "w").close()
+    gates.wait_for_file(None, gate)
+    return int(block[-1])
+
+
 def big(i: int) -> list[bytes]:
     """50 MB in 50,000 small objects: what glibc keeps in its arenas once freed."""
     return [b"%d-%d" % (i, j) + bytes(1000) for j in range(50_000)]
@@ -178,6 +193,22 @@ def test_job_twice_the_memory_spills_and_completes():
 
 
 @pytest.mark.timeout(90)
+def test_gathering_more_spilled_data_than_the_limit_at_once():
+    """A client gathers everything a worker holds, most of it on disk and more than its
+    limit in all: the worker reads it back a few keys per reply and is not restarted."""
+    limit = 200 * MB
+    with LocalCluster(1, memory_limit=limit) as cluster, Executor(cluster) as e:
+        pid = cluster.workers[0].pid
+        futures = [e.submit(make, i) for i in range(30)]  # 315 MB, about 200 MB spilled
+        concurrent.futures.wait(futures, timeout=30)
+        wait_for(lambda: sum(w["spilled"] for w in e.memory().values()) >= 15 * CHUNK,
+                 message="results spilled")
+        assert first_values(*e.gather(futures)) == [float(i) for i in range(30)]
+        assert peak_rss(pid) <= 0.95 * limit
+        assert cluster.workers[0].restarts == 0 and cluster.workers[0].pid == pid
+
+
+@pytest.mark.timeout(90)
 def test_runaway_task_restarts_its_worker_and_errs_with_killed_worker():
     limit = 200 * MB
     with LocalCluster(2, memory_limit=limit, allowed_failures=2) as cluster, \
@@ -233,8 +264,44 @@ def test_paused_worker_gets_no_new_tasks_and_still_serves_data(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_pause_does_not_flap_and_a_stuck_worker_resumes(tmp_path, capfd):
+    """RSS swinging across the pause line pauses the worker about once a second, not at
+    every look; held between the lines with nothing to spill, it resumes; then it runs on."""
+    limit = 300 * MB
+    swung, gate = str(tmp_path / "swung"), str(tmp_path / "go")
+    with LocalCluster(1, 2, memory_limit=limit) as cluster, Executor(cluster) as e:
+        pid = cluster.workers[0].pid
+        assert e.submit(first_values, np.zeros(4)).result() == [0.0]  # numpy loaded there
+        base = process_rss(pid)
+        held = e.submit(swing, int(0.77 * limit) - base, int(0.84 * limit) - base, 3.0,
+                        swung, gate)
+        try:
+            wait_for(lambda: os.path.exists(swung) or held.done(), timeout=30,
+                     message="the task swings its memory")
+            assert not held.done(), held.exception()
+            log = capfd.readouterr().err
+            pauses = log.count("minidist.memory WARNING paused:")
+            assert 1 <= pauses <= 5, log  # at every look (every 0.1 s) it would be about 25
+            # Now held between the lines, with nothing to spill: it must not stay paused.
+            wait_for(lambda: not any(w["paused"] for w in e.memory().values()), timeout=10,
+                     message=f"the stuck worker resumes (RSS {process_rss(pid) / limit:.0%} "
+                             "of its limit)")
+            assert e.submit(inc, 41).result(10) == 42  # it runs tasks
+        finally:
+            open(gate, "w").close()
+        assert held.result(30) == 1
+        wait_for(lambda: process_rss(pid) < 0.5 * limit, message="memory falls well below")
+        assert not any(w["paused"] for w in e.memory().values())
+        assert cluster.workers[0].restarts == 0
+    log += capfd.readouterr().err
+    assert "nothing is left to spill" in log
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("damage", ["vanished", "not a directory"])
-def test_unwritable_spill_directory_errs_clearly_and_loses_nothing(tmp_path, damage):
+def test_unwritable_spill_directory_errs_clearly_and_loses_nothing(tmp_path, damage, capfd):
+    """A spill directory removed under the worker is made again at the next spill; a path
+    that is not a directory makes spilling err clearly, and keeps every key in memory."""
     limit = 500 * MB  # spill above 300 MB managed; pause above 400 MB of RSS
     parent = tmp_path / "spill"
     with LocalCluster(1, memory_limit=limit, local_directory=str(parent)) as cluster, \
@@ -246,22 +313,126 @@ def test_unwritable_spill_directory_errs_clearly_and_loses_nothing(tmp_path, dam
             directory.write_bytes(b"")
         futures = [e.submit(make, i) for i in range(32)]  # 320 MiB: over the target
         concurrent.futures.wait(futures, timeout=30)
-        (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spill_error"]
-                                       and w["managed"] >= 32 * CHUNK],
-                              message="the spill error is reported").__iter__()
-        assert str(directory) in figures["spill_error"]
-        assert figures["spilled"] == 0
+        if damage == "vanished":
+            (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spilled"]],
+                                  message="spilling goes on").__iter__()
+            assert figures["spill_error"] is None
+            assert directory.is_dir() and directory.stat().st_mode & 0o777 == 0o700
+            assert len(list(directory.iterdir())) > 0
+        else:
+            (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spill_error"]
+                                           and w["managed"] >= 32 * CHUNK],
+                                  message="the spill error is reported").__iter__()
+            assert str(directory) in figures["spill_error"]
+            assert "Not a directory" in figures["spill_error"]
+            assert figures["spilled"] == 0
         checks = e.gather([e.submit(check, f) for f in futures])
         assert [c[0] for c in checks] == [float(i) for i in range(32)]  # nothing lost
         assert first_values(*e.gather(futures[:3])) == [0.0, 1.0, 2.0]
-        if damage == "vanished":  # the directory is back: spilling resumes
-            directory.mkdir()
-            wait_for(lambda: all(w["spilled"] > 0 and w["spill_error"] is None
-                                 for w in e.memory().values()), timeout=20,
-                     message="spilling resumes")
         assert cluster.workers[0].restarts == 0
+    log = capfd.readouterr().err
     if damage == "vanished":
+        assert log.count(f"spill directory {directory} vanished") == 1, log
         assert list(parent.iterdir()) == []  # removed when the worker stopped
+    else:
+        assert f"cannot spill to {directory}" in log
+
+
+def spill_files(parent) -> list:
+    return sorted(parent.glob("minidist-worker-*/*.spill"))
+
+
+@pytest.mark.timeout(90)
+def test_deleted_spill_file_of_a_computed_key_is_recomputed(tmp_path):
+    """Spill files deleted under the worker: their keys are recomputed from their tasks,
+    for the tasks that need them and for the client; the worker does not restart."""
+    limit = 200 * MB  # spill above 120 MB
+    with LocalCluster(1, memory_limit=limit, local_directory=str(tmp_path)) as cluster, \
+            Executor(cluster) as e:
+        pid = cluster.workers[0].pid
+        futures = [e.submit(make, i) for i in range(24)]  # 250 MB
+        concurrent.futures.wait(futures, timeout=30)
+        wait_for(lambda: sum(w["spilled"] for w in e.memory().values()) >= 10 * CHUNK,
+                 message="results spilled")
+        files = spill_files(tmp_path)
+        assert len(files) >= 10
+        for path in files:
+            path.unlink(missing_ok=True)
+        checks = e.gather([e.submit(check, f) for f in futures])  # dependents: recompute
+        assert checks == [(float(i), float(i) * (CHUNK // 8)) for i in range(24)]
+        for path in spill_files(tmp_path):  # the client's own fetch: recomputed too
+            path.unlink(missing_ok=True)
+        assert first_values(*e.gather(futures[:4])) == [0.0, 1.0, 2.0, 3.0]
+        assert cluster.workers[0].restarts == 0 and cluster.workers[0].pid == pid
+        assert e.submit(inc, 1).result(30) == 2
+
+
+@pytest.mark.timeout(90)
+def test_damaged_spill_file_of_a_scattered_key_errs_clearly(tmp_path):
+    """A scattered key has no task to recompute it from: whoever needs it errs, naming it."""
+    limit = 200 * MB
+    with LocalCluster(1, memory_limit=limit, local_directory=str(tmp_path)) as cluster, \
+            Executor(cluster) as e:
+        scattered = e.scatter([make(i) for i in range(4)])
+        computed = [e.submit(make, i) for i in range(4, 20)]  # 200 MB in all
+        concurrent.futures.wait(computed, timeout=30)
+        wait_for(lambda: sum(w["spilled"] for w in e.memory().values()) >= 6 * CHUNK,
+                 message="data spilled, the scattered keys first (least recently used)")
+        for path in spill_files(tmp_path):
+            path.write_bytes(b"not what was written")
+        first, second = scattered[0], scattered[1]
+        with pytest.raises(minidist.LostKeyError, match=repr(first.key)):
+            e.submit(check, first).result(30)
+        with pytest.raises(minidist.LostKeyError, match=repr(second.key)):
+            second.result(30)
+        assert check(e.gather(computed[-1])) == (19.0, 19.0 * (CHUNK // 8))  # in memory
+        assert cluster.workers[0].restarts == 0
+        assert e.submit(inc, 1).result(30) == 2
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs mounted in ``tmp_path``: a disk that fills up (needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path = tmp_path / "disk"
+    path.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs",
+                            str(path)], capture_output=True, text=True, timeout=30)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], timeout=30)
+
+
+@pytest.mark.timeout(90)
+def test_full_disk_errs_clearly_and_loses_nothing(small_disk, capfd):
+    """377 MB of results, 77 MB over the target, and 64 MiB of disk: what fits is spilled,
+    the rest stays in memory, the worker says its disk is full and keeps serving."""
+    limit = 500 * MB  # spill above 300 MB managed; pause at 400 MB of RSS, restart at 475 MB
+    with LocalCluster(1, memory_limit=limit, local_directory=str(small_disk)) as cluster, \
+            Executor(cluster) as e:
+        pid = cluster.workers[0].pid
+        futures = [e.submit(make, i) for i in range(36)]  # 377 MB, RSS below the pause line
+        concurrent.futures.wait(futures, timeout=30)
+        (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spill_error"]
+                                       and w["managed"] + w["spilled"] >= 36 * CHUNK],
+                              message="the spill error is reported").__iter__()
+        assert "No space left on device" in figures["spill_error"], figures
+        assert 0 < figures["spilled"] <= 64 << 20  # what fitted
+        assert figures["managed"] > 0.6 * limit and not figures["paused"]  # the rest: in memory
+        checks = e.gather([e.submit(check, f) for f in futures])
+        assert checks == [(float(i), float(i) * (CHUNK // 8)) for i in range(36)]
+        assert first_values(*e.gather(futures)) == [float(i) for i in range(36)]
+        assert e.submit(inc, 1).result(30) == 2  # it keeps serving
+        assert cluster.workers[0].restarts == 0 and cluster.workers[0].pid == pid
+        del futures, checks
+        wait_for(lambda: all(w["managed"] == w["spilled"] == 0 for w in e.memory().values()),
+                 message="released keys leave memory and disk")
+    assert "No space left on device" in capfd.readouterr().err
 
 
 @pytest.mark.timeout(60)
