@@ -21,7 +21,9 @@ seed: worker crash (a nanny restarts it under the same name), worker hang then
 recovery, partition then heal, slow worker, client that vanishes, late
 messages from a removed worker (anything still in flight on its old stream is
 delivered), a worker that gives a task back on ``steal`` but runs it anyway
-(duplicate finishes), and duplicate ``task_finished`` messages; and, from a
+(duplicate finishes), a worker that drops a key it holds and says so with
+``lost_data`` (a damaged spill file), and duplicate ``task_finished``
+messages; and, from a
 generator of its own, a worker paused for memory for a while (it starts
 nothing, and says so with a ``memory`` message).
 
@@ -133,6 +135,7 @@ class SimWorker:
         self.hung_until = 0.0
         self.partitioned_until = 0.0
         self.rogue = False  # gives tasks back on steal but runs them anyway
+        self.lost: set = set()  # keys it dropped ("lose" fault): a task may miss them
         self.paused = False  # for memory: starts nothing, and has told the center
         self.center_id: str | None = None
         self.held_at_registration: dict[str, int] = {}
@@ -289,6 +292,11 @@ class SimWorker:
             del self.waiting[item.key]
             base, fails, deps, duration, nbytes = item.spec
             inputs = [self.data.get(d, (MISSING,))[0] for d in deps]
+            gone = [d for d in deps if d in self.lost and d not in self.data]
+            if gone:  # dropped here after the task was queued: worker.py reports it missing
+                self.send({"op": "missing_data", "key": item.key, "dep": gone[0],
+                           "holders": []})
+                continue
             if any(x is MISSING for x in inputs):
                 result: Any = ("InputMissing", item.key)  # the worker's KeyError: a bug
             elif fails:
@@ -694,7 +702,7 @@ class Simulation:
     def fault(self) -> None:
         rng = self.rng
         live = [w for w in self.workers.values() if w.alive]
-        kind = rng.choice(("crash", "hang", "partition", "slow", "vanish", "rogue"))
+        kind = rng.choice(("crash", "hang", "partition", "slow", "vanish", "rogue", "lose"))
         self.nfaults += 1
         if kind == "vanish":
             c = rng.choice(self.clients)
@@ -720,6 +728,13 @@ class Simulation:
             self.faults_until = max(self.faults_until, w.partitioned_until)
         elif kind == "slow":
             w.slow = 20.0
+        elif kind == "lose":  # a spilled key's file is damaged: the worker drops the key
+            if w.data:
+                key = rng.choice(sorted(w.data))
+                del w.data[key]
+                w.lost.add(key)
+                self.log("   %s loses %s", w.address, key)
+                w.send({"op": "lost_data", "keys": [key], "reason": "its spill file is damaged"})
         else:
             w.rogue = True
 

@@ -103,11 +103,12 @@ def _small_value(result: Any, nbytes: int) -> wire.Serialized | None:
 class _TaskItem:
     """A task received from the center, on its way to a task thread."""
 
-    __slots__ = ("key", "spec", "missing", "cancelled")
+    __slots__ = ("key", "spec", "deps", "missing", "cancelled")
 
-    def __init__(self, key: Any, spec: RunSpec) -> None:
+    def __init__(self, key: Any, spec: RunSpec, deps: Any = ()) -> None:
         self.key = key
         self.spec = spec
+        self.deps = deps  # keys of its inputs
         self.missing = 0  # inputs still being fetched
         self.cancelled = False
 
@@ -347,7 +348,7 @@ class Worker:
         if key in self.data:
             self._send({"op": "task_finished", "key": key, "nbytes": self.nbytes.get(key, 0)})
             return
-        item = _TaskItem(key, spec)
+        item = _TaskItem(key, spec, who_has.keys())
         with self._waiting_lock:
             self._waiting[key] = item
         missing = {dep: holders for dep, holders in who_has.items() if dep not in self.data}
@@ -495,6 +496,11 @@ class Worker:
     def _execute(self, item: _TaskItem, thread: int = 0) -> None:
         """Run one task on task thread number ``thread``; report it with its run times."""
         key = item.key
+        gone = [dep for dep in item.deps if dep not in self.data]
+        if gone:  # dropped here since the task was queued (its spill file was damaged):
+            # the center, told already, reschedules the task once the input is back
+            self._send({"op": "missing_data", "key": key, "dep": gone[0], "holders": []})
+            return
         start = time.time()
         try:
             result = run(item.spec, self.data)
