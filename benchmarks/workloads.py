@@ -249,28 +249,38 @@ def floor_bandwidth(floor: SocketFloor, sizes: dict) -> dict:
 
 
 def bandwidth_warmup(system: System, sizes: dict) -> None:
-    """The default warm-up, plus a small array through every worker both ways.
+    """The default warm-up, plus a full-size array through every worker both ways.
 
     Workers import numpy lazily, on the first array they unpickle; without
     this, that import (about 0.1 s) would be timed as part of a transfer.
+    And a process's first large receive lands in memory the machine may
+    never have touched: in a virtual machine whose host backs guest memory
+    lazily (and takes freed memory back), that first touch costs a fault in
+    the host per page and runs at a fifth of the speed of later ones.  One
+    untimed transfer of the full size each way, and between the workers,
+    puts every system's processes past it alike.
     """
     import numpy as np
     default_warmup(system, sizes)
-    small = np.arange(1024, dtype="f8")
+    big = np.ones(sizes["bytes"], dtype="u1")
     try:
         workers = system.worker_addresses()
     except NotSupported:
         workers = None
     if workers is None:
-        _check(system.result(system.submit(tasks.nbytes, small)) == small.nbytes, "numpy warm-up")
+        _check(system.result(system.submit(tasks.nbytes, big)) == big.nbytes, "numpy warm-up")
+        value = system.result(system.submit(tasks.get_payload, "numpy"))
+        _check(tasks.nbytes(value) == big.nbytes, "numpy warm-up result")
+        del value
         return
     for worker in workers:
-        handle = system.scatter(small, worker=worker)
-        _check(_same(small, system.fetch(handle)), "numpy warm-up round trip")
+        handle = system.scatter(big, worker=worker)
+        _check(_same(big, system.fetch(handle)), "numpy warm-up round trip")
         for other in workers:
             n = system.result(system.submit(tasks.nbytes, handle, workers=[other]))
-            _check(n == small.nbytes, "numpy warm-up move")
+            _check(n == big.nbytes, "numpy warm-up move")
         del handle
+        system.settle()
 
 
 # ---------------------------------------------------------------------------- dask_array
