@@ -541,15 +541,16 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
         [Metric("submit_each", "tasks/s", "higher"), Metric("bulk_map", "tasks/s", "higher")],
         full={"tasks": 20_000}, quick={"tasks": 1_000}, measure=measure_throughput,
         targets=[Target("submit_each", "dask", ">=", 10),
-                 Target("submit_each", "processpool", ">=", 1.0),
-                 Target("bulk_map", "dask", ">=", 10)], measure_deadline=600),
+                 Target("submit_each", "processpool", ">=", 3.0),
+                 Target("bulk_map", "dask", ">=", 10),
+                 Target("bulk_map", "processpool", ">=", 5.0)], measure_deadline=600),
     Workload(
         "latency", "sequential submit -> result of inc(i), after warm-up",
         [Metric("median", "ms", "lower"), Metric("p99", "ms", "lower")],
         full={"rounds": 300, "warmup": 30}, quick={"rounds": 50, "warmup": 10},
         measure=measure_latency, floor=floor_latency,
         targets=[Target("median", "dask", "<=", 0.1),
-                 Target("median", "processpool", "<=", 2.0)], measure_deadline=180),
+                 Target("median", "processpool", "<=", 1.5)], measure_deadline=180),
     Workload(
         "bandwidth", "scatter / gather of a numpy array and a bytes object, and a "
         "worker-to-worker move (MB = 2^20 bytes)",
