@@ -515,16 +515,7 @@ class Scheduler:
         restart: list[TaskState] = []
         died = reason != "worker is leaving"
         for ts in ws.has_what:
-            ts.who_has.pop(ws, None)
-            if ts.who_has or ts.state != MEMORY:
-                continue
-            ts.state = RELEASED
-            if not ts.needed():
-                self._forget_if_unreferenced(ts)
-                continue
-            if ts.spec is None:
-                self._lose(ts, f"key {key_name(ts.key)!r} was lost with worker {ws.address} "
-                               f"({reason}) and has no task to recompute it from")
+            if not self._holder_gone(ts, ws, f"with worker {ws.address} ({reason})"):
                 continue
             if died:
                 # A value whose holders keep dying (one that kills its worker when it is
@@ -533,11 +524,7 @@ class Scheduler:
                 if ts.suspicious >= self.allowed_failures:
                     self._killed(ts, ws)
                     continue
-            restart.append(ts)
-            for waiter in list(ts.waiters or ()):
-                if waiter.state in SCHEDULED or waiter.state == WAITING:
-                    self._unschedule(waiter)
-                    restart.append(waiter)
+            self._restart(ts, restart)
         ws.has_what = {}
         for i, ts in enumerate(list(ws.processing)):
             ts.worker = None
@@ -692,26 +679,38 @@ class Scheduler:
                 continue
             del ws.has_what[ts]
             ws.nbytes -= ts.nbytes
-            if ts.who_has is not None:
-                ts.who_has.pop(ws, None)
-            if ts.who_has or ts.state != MEMORY:
-                continue
-            ts.state = RELEASED
-            if not ts.needed():
-                self._forget_if_unreferenced(ts)
-                continue
-            if ts.spec is None:
-                self._lose(ts, f"key {key_name(key)!r} was lost on worker {ws.address} "
-                               f"({reason}) and has no task to recompute it from")
+            if not self._holder_gone(ts, ws, f"on worker {ws.address} ({reason})"):
                 continue
             logger.warning("key %s was lost on worker %s (%s); recomputing it",
                            key_name(key), ws.address, reason)
-            restart.append(ts)
-            for waiter in list(ts.waiters or ()):
-                if waiter.state in SCHEDULED or waiter.state == WAITING:
-                    self._unschedule(waiter)
-                    restart.append(waiter)
+            self._restart(ts, restart)
         self._activate(restart)
+
+    def _holder_gone(self, ts: TaskState, ws: WorkerState, where: str) -> bool:
+        """``ws`` no longer holds ``ts``: True if that was its last copy and it must be
+        recomputed.  A key nobody needs is forgotten, and one with no task to recompute
+        it from is lost (its waiters err)."""
+        if ts.who_has is not None:
+            ts.who_has.pop(ws, None)
+        if ts.who_has or ts.state != MEMORY:
+            return False
+        ts.state = RELEASED
+        if not ts.needed():
+            self._forget_if_unreferenced(ts)
+            return False
+        if ts.spec is None:
+            self._lose(ts, f"key {key_name(ts.key)!r} was lost {where} and has no task to "
+                           "recompute it from")
+            return False
+        return True
+
+    def _restart(self, ts: TaskState, restart: list[TaskState]) -> None:
+        """Queue ``ts`` for activation with the tasks already scheduled to wait on it."""
+        restart.append(ts)
+        for waiter in list(ts.waiters or ()):
+            if waiter.state in SCHEDULED or waiter.state == WAITING:
+                self._unschedule(waiter)
+                restart.append(waiter)
 
     def _on_data_erred(self, ws: WorkerState, key: Any, exception: Serialized,
                        traceback: str) -> None:

@@ -437,8 +437,8 @@ def _recv_large(rfile: Any, sock: socket.socket, view: memoryview) -> None:
     ``recv`` calls as the sender's segments wake the reader for.  Here the
     socket's low-water mark asks the kernel to wake it only once a
     megabyte is waiting (about 20% faster for 256 MB on loopback); the
-    last megabyte is read with the mark back at one byte, since a read can
-    wait for no more than the frame still holds.
+    last megabyte is read through the reader with the mark back at one
+    byte, since a read may wait for no more than the frame still holds.
     """
     buffered = rfile.peek(1)[:view.nbytes]  # what the reader holds of this frame (>= 1 byte)
     n = len(buffered)
@@ -454,12 +454,7 @@ def _recv_large(rfile: Any, sock: socket.socket, view: memoryview) -> None:
             view = view[got:]
     finally:
         sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, 1)
-    while view.nbytes:
-        got = sock.recv_into(view)
-        if not got:
-            raise ProtocolError(f"truncated message: connection closed {view.nbytes} bytes "
-                                "before the end of a frame")
-        view = view[got:]
+    _readinto_exact(rfile, view)  # the rest through the reader again, its buffer empty
 
 
 def read_frames(rfile: Any, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
