@@ -1,9 +1,10 @@
-"""Throughput and latency with the cluster on separate hosts (network namespaces) and on loopback.
+"""Throughput, latency and transfers with the cluster on separate hosts (network namespaces) and on loopback.
 
     python -m benchmarks.hosts [--quick] [--repeat N]        (as root, with iproute2)
 
 The same cluster, a center and two single-thread workers, with one Client,
-runs the ``throughput`` and ``latency`` workloads of ``workloads.py`` twice:
+runs the ``throughput``, ``latency`` and ``bandwidth`` workloads of
+``workloads.py`` twice:
 
 * ``loopback``: every process on 127.0.0.1, as ``LocalCluster`` runs them;
 * ``hosts``: the center, each worker and the client in a network namespace
@@ -33,7 +34,7 @@ import uuid
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKLOADS = ("throughput", "latency")
+WORKLOADS = ("throughput", "latency", "bandwidth")
 
 
 def _ip(*args: str) -> None:
@@ -138,7 +139,7 @@ def client_main(address: str, args: argparse.Namespace) -> None:
         for name in WORKLOADS:
             w = workloads.WORKLOADS[name]
             sizes = w.sizes(args.quick)
-            workloads.default_warmup(system, sizes)
+            (w.warmup or workloads.default_warmup)(system, sizes)
             for _ in range(args.repeat):
                 system.settle()
                 print(json.dumps({"workload": name, **w.measure(system, sizes)}), flush=True)
@@ -146,15 +147,25 @@ def client_main(address: str, args: argparse.Namespace) -> None:
         system.client.close()
 
 
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _table(results: dict[str, list[dict]]) -> str:
+    """Median of each metric per mode; transfers also with their lowest and highest."""
     metrics = [("throughput", "submit_each", "tasks/s"), ("throughput", "bulk_map", "tasks/s"),
-               ("latency", "median", "ms"), ("latency", "p99", "ms")]
-    rows = [f"{'metric':<34}" + "".join(f"{mode:>12}" for mode in results)]
+               ("latency", "median", "ms"), ("latency", "p99", "ms"),
+               *(("bandwidth", f"{op}_{kind}", "MB/s")
+                 for kind in ("numpy", "bytes") for op in ("scatter", "gather", "move"))]
+    rows = [f"{'metric':<34}" + "".join(f"{mode:>24}" for mode in results)]
     for workload, metric, unit in metrics:
         cells = []
         for entries in results.values():
             values = [e[metric] for e in entries if e["workload"] == workload]
-            cells.append(f"{statistics.median(values):>12.4g}" if values else f"{'-':>12}")
+            cell = _number(statistics.median(values)) if values else "-"
+            if workload == "bandwidth" and len(values) > 1:
+                cell += f" ({_number(min(values))}-{_number(max(values))})"
+            cells.append(f"{cell:>24}")
         rows.append(f"{workload + ' ' + metric + ' (' + unit + ')':<34}" + "".join(cells))
     return "\n".join(rows)
 
