@@ -1,8 +1,8 @@
 """The raw-socket floor: two processes on loopback, nothing but ``sendall``/``recv_into``.
 
-``python -m benchmarks.floor`` is the peer process: it binds 127.0.0.1 on
-a free port, prints the port, serves one connection and exits when it
-closes.  Commands are one byte plus an 8-byte count:
+``python -m benchmarks.floor [HOST]`` is the peer process: it binds HOST
+(127.0.0.1 by default) on a free port, prints the port, serves one
+connection and exits when it closes.  Commands are one byte plus an 8-byte count:
 
 ``P n``  ping-pong: n rounds of an 8-byte message echoed back;
 ``S n``  sink: receive n bytes into preallocated memory, answer one byte;
@@ -52,10 +52,10 @@ def _send_view(sock: socket.socket, view: memoryview) -> None:
         sock.sendall(view[start:start + _CHUNK])
 
 
-def serve() -> None:
-    """Serve one connection (see the module docstring), then exit."""
+def serve(host: str = "127.0.0.1") -> None:
+    """Serve one connection on ``host`` (see the module docstring), then exit."""
     with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
+        listener.bind((host, 0))
         listener.listen(1)
         print(listener.getsockname()[1], flush=True)
         conn, _ = listener.accept()
@@ -90,23 +90,30 @@ def serve() -> None:
 
 
 class SocketFloor:
-    """The client side of the floor, holding the peer process and one connection."""
+    """The client side of the floor, holding the peer process and one connection.
+
+    The peer listens on ``host``; ``prefix`` is put before its command line
+    (``ip netns exec NS`` runs it on another host made of a namespace).
+    """
 
     name = "socket"
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> None:
+        self.host = host
+        self.prefix = list(prefix)
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self._buffer = bytearray()
 
     def start(self) -> None:
         """Start the peer process and connect to it."""
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.floor"],
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "benchmarks.floor",
+                                      self.host],
                                      stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         line = self.proc.stdout.readline()
         if not line.strip():
             raise RuntimeError(f"socket floor peer exited with {self.proc.wait()}")
-        self.sock = socket.create_connection(("127.0.0.1", int(line)), timeout=60)
+        self.sock = socket.create_connection((self.host, int(line)), timeout=60)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def pids(self) -> list[int]:
@@ -174,4 +181,4 @@ def median_ms(samples: list[float]) -> float:
 
 
 if __name__ == "__main__":
-    serve()
+    serve(*sys.argv[1:2])

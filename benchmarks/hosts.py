@@ -14,7 +14,9 @@ runs the ``throughput``, ``latency`` and ``bandwidth`` workloads of
   no added latency or bandwidth limit), with the same two cores.
 
 The client runs in a child process (``--client ADDRESS``) that prints one
-JSON line per repetition; the table shows the median.  Every process is
+JSON line per repetition; the table shows the median.  Beside the cluster,
+a raw socket (``floor.py``) sends and receives the same 256 MB between the
+client's host and one more host of its own, as the floor for the transfers.  Every process is
 ended by PID and every namespace, link and bridge removed on exit.
 """
 
@@ -91,19 +93,22 @@ def run_mode(mode: str, args: argparse.Namespace) -> list[dict]:
     hosts = Hosts() if mode == "hosts" else None
     procs: list[subprocess.Popen] = []
     try:
-        def where(name: str) -> tuple[list[str], list[str]]:
+        def where(name: str) -> tuple[list[str], list[str], str]:
+            """How to run a process on a new host: command prefix, bind options, address."""
             if hosts is None:
-                return [], ["--host", "127.0.0.1"]
+                return [], ["--host", "127.0.0.1"], "127.0.0.1"
             ns, addr = hosts.add(name)
-            return ["ip", "netns", "exec", ns], []
-        prefix, bind = where("c")
+            return ["ip", "netns", "exec", ns], [], addr
+        prefix, bind, _ = where("c")
         center, address = _start(prefix, "center", "--port", "0", *bind)
         procs.append(center)
         for i in range(2):
-            prefix, bind = where(f"w{i}")
+            prefix, bind, _ = where(f"w{i}")
             procs.append(_start(prefix, "worker", address, "--nthreads", "1", *bind)[0])
-        prefix, _ = where("cl")
+        floor_prefix, _, floor_host = where("fl")  # the raw socket's peer: a host of its own
+        prefix, _, _ = where("cl")
         cmd = [*prefix, sys.executable, "-m", "benchmarks.hosts", "--client", address,
+               "--floor", floor_host, *(["--floor-netns", floor_prefix[-1]] if floor_prefix else []),
                "--repeat", str(args.repeat)] + (["--quick"] if args.quick else [])
         client = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         procs.append(client)
@@ -125,8 +130,13 @@ def run_mode(mode: str, args: argparse.Namespace) -> list[dict]:
 
 
 def client_main(address: str, args: argparse.Namespace) -> None:
-    """In the client's host: warm up, then each workload ``--repeat`` times, one JSON line each."""
+    """In the client's host: warm up, then each workload ``--repeat`` times, one JSON line each.
+
+    Each bandwidth repetition is followed by one of the raw socket's, between
+    this host and the floor's (``--floor``, in namespace ``--floor-netns``).
+    """
     from benchmarks import systems, workloads
+    from benchmarks.floor import SocketFloor
 
     class Attached(systems.Minidist):
         def start(self, n_workers: int = 2, payload_size: int | None = None) -> None:
@@ -134,7 +144,10 @@ def client_main(address: str, args: argparse.Namespace) -> None:
             self.client = Client(address, set_as_default=False)
 
     system = Attached()
+    floor = SocketFloor(args.floor, ("ip", "netns", "exec", args.floor_netns)
+                        if args.floor_netns else ())
     system.start()
+    floor.start()
     try:
         for name in WORKLOADS:
             w = workloads.WORKLOADS[name]
@@ -143,7 +156,13 @@ def client_main(address: str, args: argparse.Namespace) -> None:
             for _ in range(args.repeat):
                 system.settle()
                 print(json.dumps({"workload": name, **w.measure(system, sizes)}), flush=True)
+                if name == "bandwidth":
+                    f = workloads.floor_bandwidth(floor, sizes)
+                    print(json.dumps({"workload": "socket", "send": f["scatter_numpy"],
+                                      "receive": f["gather_numpy"], "fresh_send": f["fresh_send"],
+                                      "fresh_receive": f["fresh_receive"]}), flush=True)
     finally:
+        floor.close()
         system.client.close()
 
 
@@ -156,14 +175,15 @@ def _table(results: dict[str, list[dict]]) -> str:
     metrics = [("throughput", "submit_each", "tasks/s"), ("throughput", "bulk_map", "tasks/s"),
                ("latency", "median", "ms"), ("latency", "p99", "ms"),
                *(("bandwidth", f"{op}_{kind}", "MB/s")
-                 for kind in ("numpy", "bytes") for op in ("scatter", "gather", "move"))]
+                 for kind in ("numpy", "bytes") for op in ("scatter", "gather", "move")),
+               *(("socket", m, "MB/s") for m in ("send", "receive", "fresh_send", "fresh_receive"))]
     rows = [f"{'metric':<34}" + "".join(f"{mode:>24}" for mode in results)]
     for workload, metric, unit in metrics:
         cells = []
         for entries in results.values():
             values = [e[metric] for e in entries if e["workload"] == workload]
             cell = _number(statistics.median(values)) if values else "-"
-            if workload == "bandwidth" and len(values) > 1:
+            if workload in ("bandwidth", "socket") and len(values) > 1:
                 cell += f" ({_number(min(values))}-{_number(max(values))})"
             cells.append(f"{cell:>24}")
         rows.append(f"{workload + ' ' + metric + ' (' + unit + ')':<34}" + "".join(cells))
@@ -177,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--modes", default="loopback,hosts")
     parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
+    parser.add_argument("--floor", default="127.0.0.1", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-netns", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
         client_main(args.client, args)

@@ -57,6 +57,8 @@ def test_hosts_benchmark_runs_on_loopback_and_across_namespaces():
     for kind in ("numpy", "bytes"):
         for op in ("scatter", "gather", "move"):
             assert f"bandwidth {op}_{kind}" in rows, proc.stdout
+    for metric in ("send", "receive", "fresh_send", "fresh_receive"):
+        assert f"socket {metric}" in rows, proc.stdout
     assert "throughput submit_each" in rows and "latency median" in rows, proc.stdout
     for name, cells in rows.items():
         for cell in cells:
