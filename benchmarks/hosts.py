@@ -16,8 +16,9 @@ runs the ``throughput``, ``latency`` and ``bandwidth`` workloads of
 The client runs in a child process (``--client ADDRESS``) that prints one
 JSON line per repetition; the table shows the median.  Beside the cluster,
 a raw socket (``floor.py``) sends and receives the same 256 MB between the
-client's host and one more host of its own, as the floor for the transfers.  Every process is
-ended by PID and every namespace, link and bridge removed on exit.
+client's host and one more host of its own, as the floor for the transfers.
+Every process is ended by PID and every namespace, link and bridge removed
+on exit.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = ("throughput", "latency", "bandwidth")
+SOCKET_METRICS = ("send", "receive", "fresh_send", "fresh_receive")  # MB/s, from floor.py
 
 
 def _ip(*args: str) -> None:
@@ -158,9 +160,9 @@ def client_main(address: str, args: argparse.Namespace) -> None:
                 print(json.dumps({"workload": name, **w.measure(system, sizes)}), flush=True)
                 if name == "bandwidth":
                     f = workloads.floor_bandwidth(floor, sizes)
-                    print(json.dumps({"workload": "socket", "send": f["scatter_numpy"],
-                                      "receive": f["gather_numpy"], "fresh_send": f["fresh_send"],
-                                      "fresh_receive": f["fresh_receive"]}), flush=True)
+                    f["send"], f["receive"] = f["scatter_numpy"], f["gather_numpy"]
+                    print(json.dumps({"workload": "socket", **{m: f[m] for m in SOCKET_METRICS}}),
+                          flush=True)
     finally:
         floor.close()
         system.client.close()
@@ -172,11 +174,10 @@ def _number(value: float) -> str:
 
 def _table(results: dict[str, list[dict]]) -> str:
     """Median of each metric per mode; transfers also with their lowest and highest."""
-    metrics = [("throughput", "submit_each", "tasks/s"), ("throughput", "bulk_map", "tasks/s"),
-               ("latency", "median", "ms"), ("latency", "p99", "ms"),
-               *(("bandwidth", f"{op}_{kind}", "MB/s")
-                 for kind in ("numpy", "bytes") for op in ("scatter", "gather", "move")),
-               *(("socket", m, "MB/s") for m in ("send", "receive", "fresh_send", "fresh_receive"))]
+    from benchmarks.workloads import WORKLOADS as ALL
+    metrics = [(name, m.name, m.unit) for name in WORKLOADS for m in ALL[name].metrics
+               if not m.name.startswith("fresh_")]  # the floor's, shown under "socket"
+    metrics += [("socket", m, "MB/s") for m in SOCKET_METRICS]
     rows = [f"{'metric':<34}" + "".join(f"{mode:>24}" for mode in results)]
     for workload, metric, unit in metrics:
         cells = []
