@@ -283,6 +283,24 @@ class Future(HasKey, concurrent.futures.Future):
         self._session._drop_ref(self)
         return True
 
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future], object]) -> None:
+        """Call ``fn(future)`` once done, even if nothing else keeps this Future (PEP 3148).
+
+        While the Future is pending and has a callback, its session holds it
+        (``Executor._held``), so dropping it collects nothing and the callback
+        runs when the key finishes; once done, the session lets it go.
+        """
+        held = self._session._held
+        held.add(self)
+        super().add_done_callback(fn)
+        if self._state not in (PENDING, RUNNING):
+            held.discard(self)
+
+    def _invoke_callbacks(self) -> None:
+        # Every way a Future ends (set_result, set_exception, cancel, _finish_all) calls this.
+        super()._invoke_callbacks()
+        self._session._held.discard(self)
+
     def _finish(self) -> None:
         try:
             if self._state in (PENDING, RUNNING):
@@ -434,6 +452,8 @@ class Executor(concurrent.futures.Executor):
         self._deferred: collections.deque[tuple[_KeyInfo, bool]] = collections.deque()
         self._news = threading.Condition(self._lock)
         self._future_condition = threading.Condition()  # shared by this session's Futures
+        # Pending Futures with a done-callback, held so that dropping them loses no callback.
+        self._held: set[Future] = set()
         self._shutdown = False
         self._broken: BaseException | None = None
         self._closed = False
