@@ -48,4 +48,18 @@ def __dir__() -> list[str]:
     return sorted(list(globals()) + __all__)
 
 
+def _joblib_backend(**kwargs: Any) -> Any:
+    from .joblib_backend import MinidistBackend
+    return MinidistBackend(**kwargs)
+
+
+def _register_joblib_backend(parallel: Any) -> None:
+    """joblib's ``"minidist"`` backend, named as soon as joblib is loaded (built on first use)."""
+    parallel.register_parallel_backend("minidist", _joblib_backend)
+
+
+from .import_hooks import after_import  # noqa: E402  (after the lazy names above)
+
+after_import("joblib.parallel", _register_joblib_backend)
+
 __version__ = "0.1.0"

@@ -81,6 +81,8 @@ def _load(key: Any, blob: wire.Serialized) -> Any:
             e.add_note(f"while unpickling the result of {key!r} in this process")
         return _Unloadable(e)
 _sessions: "weakref.WeakSet[Executor]" = weakref.WeakSet()
+_opened: "list[weakref.ref[Executor]]" = []
+"""Every session of this process in the order they opened (dead ones pruned as met)."""
 local_cluster_security: dict[str, Security] = {}
 """Security of the LocalClusters this process started, by address (their keys are random)."""
 
@@ -296,6 +298,39 @@ class Future(HasKey, concurrent.futures.Future):
         if self._state not in (PENDING, RUNNING):
             held.discard(self)
 
+    def __await__(self) -> Any:
+        """``await future``: its result on the running loop, as ``asyncio.wrap_future`` gives.
+
+        The loop is not blocked: it waits for the key, then fetches the value
+        (when it is not here yet) on the loop's default executor.  Cancelling
+        the awaiting task cancels this Future.
+        """
+        return self._result_async().__await__()
+
+    async def _result_async(self) -> Any:
+        import asyncio
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def wake(_: concurrent.futures.Future) -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            except RuntimeError:
+                pass  # the loop closed meanwhile: nobody awaits any more
+
+        self.add_done_callback(wake)
+        try:
+            await done
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        if self.cancelled():
+            raise asyncio.CancelledError()  # as an asyncio.wrap_future of it would
+        if self._state == FINISHED and self._result is _UNFETCHED and \
+                self._info.status == "finished":
+            return await loop.run_in_executor(None, self.result)
+        return self.result()
+
     def _invoke_callbacks(self) -> None:
         # Every way a Future ends (set_result, set_exception, cancel, _finish_all) calls this.
         super()._invoke_callbacks()
@@ -480,6 +515,7 @@ class Executor(concurrent.futures.Executor):
         if self._cluster is not None:
             self._cluster.on_workers_lost.append(self._workers_lost)
         _sessions.add(self)
+        _opened.append(weakref.ref(self))
 
     # ------------------------------------------------------------------ submitting
 
@@ -1286,6 +1322,20 @@ class Client(Executor):
         self.shutdown(wait=True, cancel_futures=True)
 
 
+def default_session() -> Executor:
+    """The newest open ``Client`` or ``Executor`` of this process (joblib's backend uses it).
+
+    Raises ``ValueError`` when there is none.
+    """
+    _opened[:] = [ref for ref in _opened if ref() is not None]
+    for ref in reversed(_opened):
+        session = ref()
+        if session is not None and not session._shutdown and session._broken is None:
+            return session
+    raise ValueError("no open minidist Client or Executor in this process: create one "
+                     "first, e.g. Client('host:port') or Executor()")
+
+
 _shared: dict[tuple, Executor] = {}
 _shared_lock = threading.Lock()
 
@@ -1310,6 +1360,8 @@ def shared_session(address: Any, *, timeout: float = 10.0, auth_key: bytes | str
             session = _shared[ident] = Executor(address, timeout=timeout, auth_key=auth_key,
                                                 tls_ca=tls_ca, tls_cert=tls_cert,
                                                 tls_key=tls_key)
+            # An internal session (dask's get, Pool handles) is nobody's default.
+            _opened[:] = [ref for ref in _opened if ref() is not session]
         return session
 
 

@@ -1,0 +1,95 @@
+"""Run a function right after a module is imported, without importing it ourselves.
+
+``import minidist`` must stay cheap, yet some libraries want to hear of
+minidist as soon as they are loaded (joblib's backend registry).  So::
+
+  after_import("joblib.parallel", fn)
+      module already imported  --> fn(module) now
+      not yet                  --> a finder on sys.meta_path wraps the loader the other
+                                   finders give that module; once the module has executed,
+                                   fn(module) runs, and the finder leaves sys.meta_path
+                                   when nothing waits any more
+
+A function that raises is logged, never breaks the user's import.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    import importlib.machinery
+
+_lock = threading.Lock()
+_waiting: dict[str, list[Callable[[types.ModuleType], None]]] = {}
+
+
+def after_import(name: str, fn: Callable[[types.ModuleType], None]) -> None:
+    """Call ``fn(module)`` once the module ``name`` has been imported (now if it is)."""
+    with _lock:
+        module = sys.modules.get(name)
+        if module is None or getattr(getattr(module, "__spec__", None), "_initializing", False):
+            _waiting.setdefault(name, []).append(fn)
+            if _finder not in sys.meta_path:
+                sys.meta_path.insert(0, _finder)
+            return
+    _call(fn, module)
+
+
+def _call(fn: Callable[[types.ModuleType], None], module: types.ModuleType) -> None:
+    try:
+        fn(module)
+    except Exception:
+        import logging  # not at import: ``import minidist`` stays cheap
+        logging.getLogger("minidist.import_hooks").exception("hook for the import of %s failed", module.__name__)
+
+
+def _fire(module: types.ModuleType) -> None:
+    with _lock:
+        hooks = _waiting.pop(module.__name__, [])
+        if not _waiting and _finder in sys.meta_path:
+            sys.meta_path.remove(_finder)
+    for fn in hooks:
+        _call(fn, module)
+
+
+class _ThenCall:
+    """The module's own loader, followed by the hooks waiting for it."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self.loader.exec_module(module)
+        module.__loader__ = module.__spec__.loader = self.loader
+        _fire(module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+
+class _OnImport:
+    """Finds nothing itself; wraps the loader of a module that hooks wait for."""
+
+    def find_spec(self, name: str, path: Sequence[str] | None,
+                  target: types.ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if name not in _waiting:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _ThenCall(spec.loader)
+                return spec
+        return None
+
+
+_finder = _OnImport()
