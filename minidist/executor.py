@@ -440,6 +440,11 @@ class Executor(concurrent.futures.Executor):
     fail with ``InitializerError`` (a ``BrokenExecutor``) and ``submit``
     raises it.  Work submitted is done even if its Future is dropped, and
     work still pending when the interpreter exits is waited for.
+
+    ``pure`` is the default of ``submit``'s and ``map``'s ``pure=``: with
+    ``pure=False`` every call runs (``submit(random.random)`` twice gives two
+    numbers), as with ``ProcessPoolExecutor``; with the default, identical
+    calls share one key and one result.
     """
 
     _finish_dropped = True
@@ -451,8 +456,9 @@ class Executor(concurrent.futures.Executor):
                  tls_ca: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, initializer: Callable[..., Any] | None = None,
                  initargs: tuple = (),
-                 memory_limit: int | float | str | None = "auto") -> None:
+                 memory_limit: int | float | str | None = "auto", pure: bool = True) -> None:
         self._cluster = None
+        self.pure = bool(pure)
         if isinstance(address, int) and not isinstance(address, bool):
             address, max_workers = None, address
         for name, value in (("max_workers", max_workers), ("n_workers", n_workers)):
@@ -519,19 +525,20 @@ class Executor(concurrent.futures.Executor):
 
     # ------------------------------------------------------------------ submitting
 
-    def submit(self, fn: Callable, /, *args: Any, key: Any = None, pure: bool = True,
+    def submit(self, fn: Callable, /, *args: Any, key: Any = None, pure: bool | None = None,
                workers: Any = None, retries: int = 0, **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` on the cluster; returns a Future at once.
 
         Futures among the arguments (also inside lists, tuples and dicts)
         become dependencies.  ``key=`` names the result, ``pure=False``
-        makes a fresh key for every call, ``workers=`` restricts where it
+        makes a fresh key for every call (default: the session's ``pure``), ``workers=`` restricts where it
         may run (addresses, names or hosts), ``retries=`` reruns it on error.
         """
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         opts = {"workers": workers, "retries": retries} if workers or retries else None
-        return self._submit_many(fn, [(args, kwargs)], [key], pure, opts)[0]
+        return self._submit_many(fn, [(args, kwargs)], [key],
+                                 self.pure if pure is None else pure, opts)[0]
 
     def _submit_many(self, fn: Callable, calls: Iterable[tuple[tuple, dict]],
                      keys: Iterable[Any] | None, pure: bool, opts: dict | None) -> list[Future]:
@@ -638,9 +645,9 @@ class Executor(concurrent.futures.Executor):
         if chunksize > 1:
             chunks = [calls[i:i + chunksize] for i in range(0, len(calls), chunksize)]
             futures = self._submit_many(_run_chunk, [((fn, c), {}) for c in chunks],
-                                        None, True, None)
+                                        None, self.pure, None)
         else:
-            futures = self._submit_many(fn, [(c, {}) for c in calls], None, True, None)
+            futures = self._submit_many(fn, [(c, {}) for c in calls], None, self.pure, None)
         return self._result_iterator(futures, end_time, chunksize > 1)
 
     def _result_iterator(self, futures: list[Future], end_time: float | None,
@@ -1301,7 +1308,7 @@ class Client(Executor):
         if self._set_as_default:
             unregister_default_scheduler(self)
 
-    def map(self, fn: Callable, *iterables: Iterable, key: Any = None, pure: bool = True,
+    def map(self, fn: Callable, *iterables: Iterable, key: Any = None, pure: bool | None = None,
             workers: Any = None, retries: int = 0, **kwargs: Any) -> list[Future]:
         """Submit ``fn`` over the iterables; returns a list of Futures (no results fetched).
 
@@ -1312,7 +1319,7 @@ class Client(Executor):
         opts = {"workers": workers, "retries": retries} if workers or retries else None
         calls = [(args, kwargs) for args in zip(*iterables)]
         keys = key if isinstance(key, (list, tuple)) else None
-        return self._submit_many(fn, calls, keys, pure, opts)
+        return self._submit_many(fn, calls, keys, self.pure if pure is None else pure, opts)
 
     _keep_results = False  # a closed Client's futures are cancelled, as in dask
     _finish_dropped = False  # as in dask: a task whose futures are all gone is cancelled
