@@ -326,6 +326,15 @@ class LocalCluster:
     def __repr__(self) -> str:
         return f"<LocalCluster {self.address} workers={len(self.workers)}>"
 
+    def _repr_html_(self) -> str:
+        """A notebook's view: address, workers, threads and the dashboard's link."""
+        from .reprs import html_table
+        rows = [("center", self.address), ("workers", len(self.workers)),
+                ("threads", len(self.workers) * self.threads_per_worker)]
+        if self.dashboard_link:
+            rows.append(("dashboard", self.dashboard_link))
+        return html_table("LocalCluster", rows)
+
 
 def _close_all() -> None:
     for cluster in list(_clusters):

@@ -367,6 +367,16 @@ class Future(HasKey, concurrent.futures.Future):
     def __repr__(self) -> str:
         return f"<Future: status: {self.status}, key: {self.key}>"
 
+    def _repr_html_(self) -> str:
+        """A notebook's view: key, status and, once fetched here, the result's type."""
+        from .reprs import html_table
+        rows = [("key", self.key), ("status", self.status)]
+        if self._state == FINISHED and self._result is not _UNFETCHED and self._result is not None:
+            rows.append(("type", type(self._result).__qualname__))
+        elif self._info.status == "error" and self._info.exception is not None:
+            rows.append(("exception", repr(self._info.exception)))
+        return html_table("Future", rows)
+
     __str__ = __repr__
 
 
@@ -1228,6 +1238,29 @@ class Executor(concurrent.futures.Executor):
     def __repr__(self) -> str:
         state = "closed" if self._shutdown else "connected"
         return f"<{type(self).__name__}: center={self.address} {state}>"
+
+    def _repr_html_(self) -> str:
+        """A notebook's view: center, workers, threads, memory and the dashboard's link."""
+        from .reprs import html_table, human_bytes
+        rows: list[tuple[str, Any]] = [("center", self.address)]
+        if self._shutdown or self._broken is not None:
+            rows.append(("state", "closed" if self._shutdown else f"broken: {self._broken}"))
+        else:
+            try:
+                memory = self.memory()
+                threads = sum(self.nthreads().values())
+            except Exception as e:  # a display never raises
+                rows.append(("state", f"unreachable: {e}"))
+            else:
+                limits = [m["limit"] for m in memory.values()]
+                rows += [("workers", len(memory)), ("threads", threads),
+                         ("memory", human_bytes(sum(limits)) if limits and None not in limits
+                          else "no limit"),
+                         ("held", human_bytes(sum(m["managed"] for m in memory.values())))]
+        link = getattr(self._cluster, "dashboard_link", None)
+        if link:
+            rows.append(("dashboard", link))
+        return html_table(type(self).__name__, rows)
 
 
 def _conflicting_future(key: Any, session: Executor) -> Future:
