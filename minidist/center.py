@@ -98,6 +98,7 @@ class Center:
         self._next_check = float("inf")  # next heartbeat check
         self._halted = False
         self._stopped = threading.Event()
+        self.uploads: dict[str, bytes] = {}  # Client.upload_file's files, for every new worker
         sched = self.scheduler
         self.server = wire.Server({
             "register_worker": self._handle_worker_stream,
@@ -109,6 +110,8 @@ class Center:
             "info": self._query(self.info),
             "task_stream": self._query(self.history.runs_since),
             "identity": lambda conn: {"type": "center", "pid": os.getpid()},
+            "upload_file": self._upload_file,
+            "uploads": lambda conn: dict(self.uploads),
         }, security=self.security, name="center")
         self._event_handlers: dict[str, Callable[..., Outgoing | None]] = {
             "worker_msgs": sched.worker_msgs,
@@ -208,6 +211,12 @@ class Center:
                 self._baton.release()
         inbox.queued += 1
         self._events.put((kind, args, inbox))
+
+    def _upload_file(self, conn: Connection, name: str, content: bytes) -> list[str]:
+        """Keep a client's file for workers that register from now on; answer the others."""
+        from .uploads import check_name
+        self.uploads[check_name(name)] = bytes(content)
+        return sorted(self._query(self.scheduler.nthreads)(conn))
 
     def _query(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Wrap a read-only query so it runs on the scheduler thread."""

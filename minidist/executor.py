@@ -900,6 +900,52 @@ class Executor(concurrent.futures.Executor):
                         self._drop_ref(future)  # counts against the key's own info
                         future._info = _cancelled_info(key)
 
+    def run(self, fn: Callable, /, *args: Any, workers: Any = None, **kwargs: Any) -> dict:
+        """Call ``fn(*args, **kwargs)`` in every worker process now (not as a task).
+
+        Returns ``{worker address: result}``.  ``workers=`` picks some
+        (addresses, names or hosts).  If the call raises on a worker, that
+        exception is raised here, with a note naming the worker.
+        """
+        self._check_open()
+        call = wire.serialize((fn, args, kwargs))
+
+        def one(address: str) -> tuple[str, dict]:
+            return address, self._pool.call(address, "run", call=call)
+
+        results = {}
+        for address, reply in self._map_parallel(one, self._target_workers(workers)):
+            if reply["status"] != "OK":
+                exc = unpack_exception(reply["exception"], reply["traceback"])
+                exc.add_note(f"raised by {funcname(fn)} on the worker {address}")
+                raise exc
+            results[address] = wire.deserialize(reply["result"])
+        return results
+
+    def upload_file(self, path: str | os.PathLike) -> None:
+        """Make a ``.py``, ``.zip`` or ``.egg`` file importable on every worker.
+
+        Workers that join or restart later get it too (the center keeps
+        it).  A module of that name already imported on a worker is
+        reloaded.  An error importing it on a worker is raised here, naming
+        the worker.
+        """
+        from .uploads import check_name
+        self._check_open()
+        name = check_name(os.path.basename(os.fspath(path)))
+        with open(path, "rb") as f:
+            content = f.read()
+        addresses = self._center("upload_file", name=name, content=content)
+
+        def one(address: str) -> tuple[str, dict]:
+            return address, self._pool.call(address, "upload_file", name=name, content=content)
+
+        for address, reply in self._map_parallel(one, addresses):
+            if reply["status"] != "OK":
+                exc = unpack_exception(reply["exception"], reply["traceback"])
+                exc.add_note(f"while installing {name} on the worker {address}")
+                raise exc
+
     def who_has(self, futures: Any = None) -> dict:
         """key -> worker addresses holding it, for ``futures`` or for every key in memory."""
         keys = None

@@ -150,11 +150,14 @@ class Worker:
         self._center_id: str | None = None
         self._stopping = threading.Event()
         self._fatal: BaseException | None = None
+        self._uploaded: dict[str, str] = {}  # file name -> digest of what is installed
         self.server = wire.Server({
             "get_data": self._get_data,
             "update_data": self._update_data,
             "delete_data": self._delete_data,
             "keys": lambda conn: list(self.data),
+            "run": self._run_function,
+            "upload_file": self._upload_file,
             "identity": lambda conn: {"type": "worker", "address": self.address,
                                       "pid": os.getpid(), "nthreads": self.nthreads},
         }, security=self.security, name="worker")
@@ -263,6 +266,7 @@ class Worker:
                 logger.warning("lost the center %s; reconnecting", self.center_address)
 
     def _register(self) -> Connection:
+        self._fetch_uploads()  # before any task can arrive: what clients uploaded
         conn = wire.connect(self.center_address, security=self.security)
         if not self.address:
             self.address = self.contact_address or wire.format_address(
@@ -287,9 +291,19 @@ class Worker:
         late = {k: n for k, n in list(self.nbytes.items()) if k not in held}
         if late:
             self._send({"op": "add_keys", "keys": late, "from_registration": True})
+        self._fetch_uploads()  # and what was uploaded while this worker registered
         for msg in batch[1:]:
             self._dispatch(msg)
         return conn
+
+    def _fetch_uploads(self) -> None:
+        try:
+            uploads = self._peers.call(self.center_address, "uploads")
+        except (ConnectionError, OSError) as e:
+            logger.info("could not ask the center for uploaded files: %s", e)
+            return
+        for name, content in uploads.items():
+            self._upload_file(None, name, content)
 
     def _reachable_host(self, conn: Connection) -> str:
         """The host to advertise: the bound interface, or with a wildcard bind the local end
@@ -529,6 +543,27 @@ class Worker:
         self.memory.after_put()
 
     # ------------------------------------------------------------------ peer / client ops
+
+    def _run_function(self, conn: Connection, call: wire.Serialized) -> dict:
+        """``Client.run``: call a function in this process now (not as a task)."""
+        try:
+            fn, args, kwargs = wire.deserialize(call)
+            return {"status": "OK", "result": wire.serialize(fn(*args, **kwargs))}
+        except BaseException as e:  # noqa: B036 - the caller gets it, naming this worker
+            blob, tb = pack_exception(e)
+            return {"status": "error", "exception": blob, "traceback": tb}
+
+    def _upload_file(self, conn: Connection | None, name: str, content: bytes) -> dict:
+        """``Client.upload_file``: install a ``.py``, ``.zip`` or ``.egg`` for tasks to import."""
+        from .uploads import install
+        try:
+            install(os.path.join(self.local_directory, "uploads"), name, bytes(content),
+                    self._uploaded)
+            return {"status": "OK"}
+        except BaseException as e:  # noqa: B036 - the uploading client gets it
+            logger.warning("installing the uploaded %s failed: %r", name, e)
+            blob, tb = pack_exception(e)
+            return {"status": "error", "exception": blob, "traceback": tb}
 
     def _get_data(self, conn: Connection, keys: list) -> dict:
         data, errors, missing, lost, later = {}, {}, [], {}, []
