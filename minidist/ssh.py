@@ -43,38 +43,50 @@ import time
 from typing import Any, Sequence
 
 from . import wire
-from .cli import configure_logging
+from .cli import StopFlag, configure_logging
 
 logger = logging.getLogger("minidist.ssh")
 
 _BOOTSTRAP = """\
-import json, os, signal, subprocess, sys, threading
+import json, os, select, signal, subprocess, sys, threading
 spec = json.loads(sys.stdin.buffer.readline())
 env = dict(os.environ, **spec["env"])
 procs = [subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE,
                           stderr=subprocess.STDOUT, env=env) for argv in spec["commands"]]
-def stop(*_):
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    os._exit(0)
+wake_r, wake_w = os.pipe()
+os.set_blocking(wake_w, False)
+def request_stop(*_):
+    try:
+        os.write(wake_w, b"x")
+    except OSError:
+        pass
 def watch():
     while sys.stdin.buffer.read1(4096):
         pass
-    stop()
+    request_stop()
 for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-    signal.signal(sig, stop)
+    signal.signal(sig, request_stop)
+signal.set_wakeup_fd(wake_w)
 threading.Thread(target=watch, daemon=True).start()
-codes = [p.wait() for p in procs]
-os._exit(1 if any(codes) else 0)
+while not select.select([wake_r], [], [], 0.2)[0]:
+    if all(p.poll() is not None for p in procs):
+        os._exit(1 if any(p.returncode for p in procs) else 0)
+for p in procs:
+    if p.poll() is None:
+        p.terminate()
+for p in procs:
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+os._exit(0)
 """
-"""Runs on each host (stdlib only): start the programs, stop them when stdin closes."""
+"""Runs on each host (stdlib only): start the programs, stop them when stdin closes.
+
+A signal or stdin's EOF only writes a byte to a pipe; the main thread, which
+polls the programs while waiting on that pipe, does the stopping, so a burst
+of signals never re-enters it."""
 
 CENTER_READY = "Start center at"
 STOP_WAIT = 15.0
@@ -231,12 +243,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               "MINIDIST_AUTH_KEY or pass --auth-key-file", file=sys.stderr)
         return 2
 
-    stop = threading.Event()
+    stop = StopFlag()  # set from the handler: it must take no lock
 
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    stop.wake_on_signals()
 
     ssh = ssh_command(args)
     common, worker_only = program_args(args)
