@@ -140,7 +140,6 @@ class StopFlag:
 
 _stop_flag: StopFlag | None = None
 _serving = False
-_exiting = False
 
 
 def _stop_requested() -> StopFlag:
@@ -157,20 +156,29 @@ def catch_stop_signals() -> None:
     Until the process serves, the first signal ends it at once with status 0
     (there is nothing to hand over yet); once ``run_until_signalled`` runs,
     a signal only sets the stop flag, and the main thread calls ``stop``.
-    Later signals of a burst are recorded and nothing more: the stop under
-    way is not interrupted.
+    Later signals of a burst are ignored: the stop under way is not interrupted.
     """
     flag = _stop_requested()
 
     def handler(signum: int, frame: Any) -> None:
-        global _exiting
         flag.set()
-        if not _serving and not _exiting:
-            _exiting = True
+        if not _serving:
+            ignore_stop_signals()
             raise SystemExit(0)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
     flag.wake_on_signals()
+
+
+def ignore_stop_signals(signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
+    """Ignore ``signals`` from now on: the process is stopping, and says so with status 0.
+
+    Python puts back the default handlers while it exits, so a late signal of
+    a burst would otherwise end the process by that signal instead.  Safe from
+    a handler (it takes no lock); children started afterwards inherit it.
+    """
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def run_until_signalled(stop: Callable[[], None], exit_on_stdin_close: bool,
@@ -194,6 +202,7 @@ def run_until_signalled(stop: Callable[[], None], exit_on_stdin_close: bool,
     if exit_on_stdin_close:
         watch_stdin(flag.set)
     flag.wait()
+    ignore_stop_signals()
     if ready_fd is not None:
         _tell(ready_fd, "stopping\n")
     stop()

@@ -516,7 +516,7 @@ def main(args: argparse.Namespace, argv: Iterable[str]) -> int:
     registers, and again when a restarted worker registers.  Exits when signalled (0) or
     when every worker has stopped for good (their worst exit status).
     """
-    from .cli import StopFlag, configure_logging, watch_stdin
+    from .cli import StopFlag, configure_logging, ignore_stop_signals, watch_stdin
 
     stop = StopFlag()  # set from the handler: it must take no lock
     signalled = []
@@ -555,6 +555,7 @@ def main(args: argparse.Namespace, argv: Iterable[str]) -> int:
         nanny.close()
         return 1
     stop.wait()
+    ignore_stop_signals()  # a worker started from now on sets its own handlers first
     nanny.close()
     if signalled:
         return 0
