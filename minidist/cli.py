@@ -25,11 +25,30 @@ from typing import Any, Callable, Iterable
 from .wire import Security
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default, as ``(default: X)`` after its help.
+
+    Options without a default (None, or off for a flag) say nothing more: their
+    help says what happens without them.  A help that already places
+    ``%(default)s`` itself is left as it is.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or default is None or default is False
+                or default == argparse.SUPPRESS or default == []
+                or not (action.option_strings or action.nargs == "?")):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """The flags ``dcenter`` and ``dworker`` share: where to bind, logging, auth and TLS."""
     parser.add_argument("--host", default=None,
                         help="interface to bind (default 127.0.0.1, or 0.0.0.0 with an auth key)")
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-level", default="warning",
+                        help="debug, info, warning or error: what goes to stderr")
     parser.add_argument("--auth-key-file", help="file holding the shared auth key "
                         "(default: the MINIDIST_AUTH_KEY environment variable)")
     parser.add_argument("--tls-cert", help="PEM certificate to present")

@@ -43,7 +43,7 @@ import time
 from typing import Any, Sequence
 
 from . import wire
-from .cli import StopFlag, configure_logging
+from .cli import DefaultsHelpFormatter, StopFlag, configure_logging
 
 logger = logging.getLogger("minidist.ssh")
 
@@ -193,19 +193,22 @@ def remote_env(args: argparse.Namespace, key: bytes) -> dict[str, str]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dssh", description="Start a minidist cluster over ssh: the center on the first "
-        "host, workers on every host.  Ctrl-C or SIGTERM stops it everywhere.")
+        "host, workers on every host.  Ctrl-C or SIGTERM stops it everywhere.",
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("hosts", nargs="+", metavar="HOST",
                         help="[USER@]HOST to ssh to; the first also runs the center")
     parser.add_argument("--nworkers", type=int, default=1, help="worker processes per host")
     parser.add_argument("--nthreads", type=int, default=1, help="task threads per worker")
     parser.add_argument("--center-port", type=int, default=wire.DEFAULT_PORT,
                         help="port of the center (0: any free port)")
-    parser.add_argument("--ssh-port", type=int, default=None, help="port sshd listens on")
-    parser.add_argument("--ssh-identity", default=None, help="private key file for ssh -i")
+    parser.add_argument("--ssh-port", type=int, default=None,
+                        help="port sshd listens on (default: ssh's own, usually 22)")
+    parser.add_argument("--ssh-identity", default=None,
+                        help="private key file for ssh -i (default: ssh's own)")
     parser.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
                         help="passed to ssh as -o OPTION (repeatable)")
     parser.add_argument("--remote-python", default="python3",
-                        help="Python on the hosts that can import minidist (default python3)")
+                        help="Python on the hosts that can import minidist")
     parser.add_argument("--remote-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment variable for the remote programs (repeatable)")
     parser.add_argument("--center-option", action="append", default=[], metavar="ARG",
@@ -221,7 +224,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tls-ca", help="PEM CA bundle, a path on the hosts")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for the center to start")
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-level", default="warning",
+                        help="debug, info, warning or error: what goes to stderr")
     args = parser.parse_args(argv)
     if args.nworkers < 1 or args.nthreads < 1:
         parser.error("--nworkers and --nthreads must be at least 1")
