@@ -27,6 +27,7 @@ from typing import Callable
 import pytest
 
 from conftest import alive, reap
+from minidist import LocalCluster
 from minidist.ssh import _BOOTSTRAP
 
 BURST = (signal.SIGTERM, signal.SIGINT, signal.SIGTERM, signal.SIGINT)
@@ -184,3 +185,28 @@ def test_ssh_bootstrap_stops_its_programs_on_a_burst():
         assert proc.stopped(time.monotonic() + STOP_TIMEOUT) == 0
     finally:
         proc.kill()
+
+
+def test_local_cluster_close_interrupted_by_ctrl_c_is_finished_by_the_next(monkeypatch):
+    # Ctrl-C in a notebook while close() runs: the kernel goes on, and so must the close.
+    import minidist.cluster
+    cluster = LocalCluster(n_workers=2)
+    pids = list(cluster.pids)
+
+    def interrupted(address: str) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)  # the KeyboardInterrupt lands here
+
+    monkeypatch.setattr(minidist.cluster, "close_shared_sessions", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cluster.close()
+        monkeypatch.undo()
+        assert all(alive(pid) for pid in pids)
+        cluster.close()
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        cluster._nanny.close(2.0)  # no restart of what is killed next
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
