@@ -43,7 +43,7 @@ import time
 from typing import Any, Sequence
 
 from . import wire
-from .cli import DefaultsHelpFormatter, StopFlag, configure_logging
+from .cli import DefaultsHelpFormatter, StopFlag, configure_logging, ignore_stop_signals
 
 logger = logging.getLogger("minidist.ssh")
 
@@ -89,6 +89,8 @@ polls the programs while waiting on that pipe, does the stopping, so a burst
 of signals never re-enters it."""
 
 CENTER_READY = "Start center at"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals that stop dssh: workers first, then the center."""
 STOP_WAIT = 15.0
 """Seconds a session may take to stop its programs before its ssh client is killed."""
 
@@ -251,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, on_signal)
     stop.wake_on_signals()
 
@@ -292,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    s.popen.returncode)
         return code
     finally:
+        ignore_stop_signals(STOP_SIGNALS)  # stopping: a late signal must not end dssh midway
         _shutdown(workers, center)
 
 
