@@ -1,13 +1,14 @@
-"""Command-line plumbing shared by ``dcenter`` and ``dworker``.
+"""Command-line plumbing shared by ``dcenter`` and ``dworker`` (and ``dssh``'s stop).
 
 A stop request flows one way: a SIGINT/SIGTERM handler (or the stdin
 watcher, at EOF) sets a :class:`StopFlag`, which writes a byte to its
-pipe; the main thread, blocked reading that pipe in
-``run_until_signalled``, wakes and calls ``stop``.  A handler runs on the
-main thread between two bytecodes of whatever it interrupted, so it takes
-no lock (an ``Event``'s lock may be held by the very code it interrupted,
-and a second signal would deadlock on it): it only sets a flag and writes
-to a non-blocking pipe.
+pipe; the main thread, waiting on that pipe in ``run_until_signalled``,
+wakes, ignores further stop signals and calls ``stop``.  A handler runs on
+the main thread between two bytecodes of whatever it interrupted, so it
+takes no lock (an ``Event``'s lock may be held by the very code it
+interrupted, and a second signal would deadlock on it): it only sets a
+flag and writes to a non-blocking pipe.  ``--help`` shows every default
+(:class:`DefaultsHelpFormatter`).
 """
 
 from __future__ import annotations
