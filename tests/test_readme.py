@@ -31,6 +31,9 @@ PRINTED = re.compile(r"^\s*print\(.*\)\s*# (.+)$")
 SNIPPET_TIMEOUT = 90.0
 NOT_SYSTEMS = {"socket", "ideal"}  # columns of the tables that are not systems
 
+if ROOT not in sys.path:  # ``benchmarks`` is a package of the source tree, not installed
+    sys.path.insert(0, ROOT)
+
 
 def python_blocks(path: str) -> list[tuple[int, str]]:
     """(first line number, code) of each ```python block of ``path``."""
