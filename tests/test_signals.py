@@ -7,10 +7,12 @@ own), waits for their ready lines, sends each a burst (SIGTERM and SIGINT,
 each to the process and to its group), and checks that every process, and
 every process it started, ends within its timeout.  A handler that takes a
 lock (``threading.Event.set``) deadlocks now and then when the second signal
-interrupts the first handler: about one burst in forty hung before the
+interrupts the first handler: one burst in ten to forty hung before the
 handlers only set a lock-free flag, so 200 bursts across the four kinds of
 process find it.  Processes run in batches, several at once, to keep the
-test short.
+test short.  Also here: dssh's bootstrap (run without ssh) stops its
+programs on a burst, and a LocalCluster whose ``close`` a Ctrl-C interrupted
+is closed by the next ``close``.
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ def python(*args: str) -> list[str]:
 @pytest.mark.timeout(300)
 def test_center_stops_on_every_burst():
     run_bursts(lambda: python("-m", "minidist.center", "--port", "0"),
-               "Start center at", 60)
+               "Start center at", 80)
 
 
 @pytest.mark.timeout(300)
@@ -165,7 +167,7 @@ def test_dworker_stops_on_every_burst(spawn):
 def test_local_cluster_owner_stops_on_every_burst():
     # The owner has Python's default handlers: SIGTERM ends it, SIGINT unwinds the with
     # blocks; either way the cluster's processes must end too (they watch their stdin).
-    run_bursts(lambda: python("-c", LOCAL_CLUSTER_SCRIPT), "ready ", 40, expect_zero=False)
+    run_bursts(lambda: python("-c", LOCAL_CLUSTER_SCRIPT), "ready ", 20, expect_zero=False)
 
 
 def test_ssh_bootstrap_stops_its_programs_on_a_burst():
