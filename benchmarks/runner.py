@@ -36,7 +36,7 @@ SETUP = {
             "--no-nanny workers as separate processes",
     FLOOR: "two processes on 127.0.0.1, sendall / recv_into, TCP_NODELAY",
 }
-SHORT = {"minidist": "minidist", "processpool": "ppool", "mpool": "mpool", "dask": "dask",
+SHORT = {"minidist": "minidist", "processpool": "processpool", "mpool": "mpool", "dask": "dask",
          FLOOR: "socket", IDEAL: "ideal"}
 
 

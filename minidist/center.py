@@ -55,7 +55,7 @@ import uuid
 from typing import Any, Callable, Iterable
 
 from . import wire
-from .cli import add_common_args, run_until_signalled, start_process
+from .cli import DefaultsHelpFormatter, add_common_args, run_until_signalled, start_process
 from .history import History
 from .scheduler import Outgoing, Scheduler
 from .wire import NO_REPLY, BatchedSender, Connection, Security
@@ -393,10 +393,13 @@ def tune_gc() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m minidist.center`` / ``dcenter``."""
-    parser = argparse.ArgumentParser(prog="dcenter", description="Start a minidist center.")
-    parser.add_argument("--port", type=int, default=wire.DEFAULT_PORT)
+    parser = argparse.ArgumentParser(prog="dcenter", description="Start a minidist center.",
+                                     formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--port", type=int, default=wire.DEFAULT_PORT,
+                        help="port to serve clients and workers on (0: any free port)")
     parser.add_argument("--dashboard-port", type=int, default=None,
-                        help="serve the dashboard (page, JSON, /metrics) on this port (0: any)")
+                        help="serve the dashboard (page, JSON, /metrics) on this port (0: any; "
+                             "default: no dashboard)")
     parser.add_argument("--dashboard-host", default=None,
                         help="interface for the dashboard (default: --host if given, "
                         "else 127.0.0.1; it has no authentication)")

@@ -8,7 +8,8 @@ address (a worker that dials early waits in the socket's queue).  Each
 child watches its stdin, a pipe from this process, and exits if it
 closes, so nothing outlives an interpreter that dies.  ``close()`` sends
 SIGTERM (workers first), waits, then SIGKILLs stragglers; it runs at
-interpreter exit for clusters left open.
+interpreter exit for clusters left open, or closed only part way (a
+KeyboardInterrupt during ``close``): a later call finishes the job.
 
 The workers are supervised by a ``Nanny`` running in this process (one
 thread per worker): a worker that dies is restarted and registers again
@@ -129,7 +130,8 @@ class LocalCluster:
         self.workers: list[Child] = []
         # Called with a reason once every worker is gone for good (not by stop/close).
         self.on_workers_lost: list[Callable[[str], None]] = []
-        self._closed = False
+        self._closed = False  # no worker callbacks from now on
+        self._close_done = False  # every process has been stopped and reaped
         self._lock = threading.Lock()
         env = dict(os.environ)
         env.pop("MINIDIST_AUTH_KEY", None)
@@ -278,9 +280,13 @@ class LocalCluster:
     # ------------------------------------------------------------------ shutdown
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop every worker, then the center; nothing is left running afterwards."""
+        """Stop every worker, then the center; nothing is left running afterwards.
+
+        A close interrupted part way (Ctrl-C while it waits) is finished by the
+        next call, or at interpreter exit: only a completed close is final.
+        """
         with self._lock:
-            if self._closed:
+            if self._close_done:
                 return
             self._closed = True
             self.workers = []
@@ -290,6 +296,7 @@ class LocalCluster:
         if self.center is not None:
             self._terminate([self.center], timeout)
         _clusters.discard(self)
+        self._close_done = True
 
     def _terminate(self, procs: list[Process], timeout: float = 5.0) -> None:
         for proc in procs:

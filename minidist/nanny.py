@@ -516,9 +516,9 @@ def main(args: argparse.Namespace, argv: Iterable[str]) -> int:
     registers, and again when a restarted worker registers.  Exits when signalled (0) or
     when every worker has stopped for good (their worst exit status).
     """
-    from .cli import configure_logging, watch_stdin
+    from .cli import StopFlag, configure_logging, ignore_stop_signals, watch_stdin
 
-    stop = threading.Event()
+    stop = StopFlag()  # set from the handler: it must take no lock
     signalled = []
 
     def handler(signum: int, frame: object) -> None:
@@ -526,6 +526,7 @@ def main(args: argparse.Namespace, argv: Iterable[str]) -> int:
         stop.set()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
+    stop.wake_on_signals()
     configure_logging(args.log_level)
     if args.exit_on_stdin_close:
         watch_stdin(stop.set)
@@ -553,8 +554,8 @@ def main(args: argparse.Namespace, argv: Iterable[str]) -> int:
         print(f"cannot start worker: {e}", file=sys.stderr)
         nanny.close()
         return 1
-    while not stop.wait(0.5):
-        pass
+    stop.wait()
+    ignore_stop_signals()  # a worker started from now on sets its own handlers first
     nanny.close()
     if signalled:
         return 0

@@ -43,40 +43,54 @@ import time
 from typing import Any, Sequence
 
 from . import wire
-from .cli import configure_logging
+from .cli import DefaultsHelpFormatter, StopFlag, configure_logging, ignore_stop_signals
 
 logger = logging.getLogger("minidist.ssh")
 
 _BOOTSTRAP = """\
-import json, os, signal, subprocess, sys, threading
+import json, os, select, signal, subprocess, sys, threading
 spec = json.loads(sys.stdin.buffer.readline())
 env = dict(os.environ, **spec["env"])
 procs = [subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE,
                           stderr=subprocess.STDOUT, env=env) for argv in spec["commands"]]
-def stop(*_):
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    os._exit(0)
+wake_r, wake_w = os.pipe()
+os.set_blocking(wake_w, False)
+def request_stop(*_):
+    try:
+        os.write(wake_w, b"x")
+    except OSError:
+        pass
 def watch():
     while sys.stdin.buffer.read1(4096):
         pass
-    stop()
+    request_stop()
 for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-    signal.signal(sig, stop)
+    signal.signal(sig, request_stop)
+signal.set_wakeup_fd(wake_w)
 threading.Thread(target=watch, daemon=True).start()
-codes = [p.wait() for p in procs]
-os._exit(1 if any(codes) else 0)
+while not select.select([wake_r], [], [], 0.2)[0]:
+    if all(p.poll() is not None for p in procs):
+        os._exit(1 if any(p.returncode for p in procs) else 0)
+for p in procs:
+    if p.poll() is None:
+        p.terminate()
+for p in procs:
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+os._exit(0)
 """
-"""Runs on each host (stdlib only): start the programs, stop them when stdin closes."""
+"""Runs on each host (stdlib only): start the programs, stop them when stdin closes.
+
+A signal or stdin's EOF only writes a byte to a pipe; the main thread, which
+polls the programs while waiting on that pipe, does the stopping, so a burst
+of signals never re-enters it."""
 
 CENTER_READY = "Start center at"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals that stop dssh: workers first, then the center."""
 STOP_WAIT = 15.0
 """Seconds a session may take to stop its programs before its ssh client is killed."""
 
@@ -181,19 +195,22 @@ def remote_env(args: argparse.Namespace, key: bytes) -> dict[str, str]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dssh", description="Start a minidist cluster over ssh: the center on the first "
-        "host, workers on every host.  Ctrl-C or SIGTERM stops it everywhere.")
+        "host, workers on every host.  Ctrl-C or SIGTERM stops it everywhere.",
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("hosts", nargs="+", metavar="HOST",
                         help="[USER@]HOST to ssh to; the first also runs the center")
     parser.add_argument("--nworkers", type=int, default=1, help="worker processes per host")
     parser.add_argument("--nthreads", type=int, default=1, help="task threads per worker")
     parser.add_argument("--center-port", type=int, default=wire.DEFAULT_PORT,
                         help="port of the center (0: any free port)")
-    parser.add_argument("--ssh-port", type=int, default=None, help="port sshd listens on")
-    parser.add_argument("--ssh-identity", default=None, help="private key file for ssh -i")
+    parser.add_argument("--ssh-port", type=int, default=None,
+                        help="port sshd listens on (default: ssh's own, usually 22)")
+    parser.add_argument("--ssh-identity", default=None,
+                        help="private key file for ssh -i (default: ssh's own)")
     parser.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
                         help="passed to ssh as -o OPTION (repeatable)")
     parser.add_argument("--remote-python", default="python3",
-                        help="Python on the hosts that can import minidist (default python3)")
+                        help="Python on the hosts that can import minidist")
     parser.add_argument("--remote-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment variable for the remote programs (repeatable)")
     parser.add_argument("--center-option", action="append", default=[], metavar="ARG",
@@ -209,7 +226,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tls-ca", help="PEM CA bundle, a path on the hosts")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for the center to start")
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-level", default="warning",
+                        help="debug, info, warning or error: what goes to stderr")
     args = parser.parse_args(argv)
     if args.nworkers < 1 or args.nthreads < 1:
         parser.error("--nworkers and --nthreads must be at least 1")
@@ -231,12 +249,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               "MINIDIST_AUTH_KEY or pass --auth-key-file", file=sys.stderr)
         return 2
 
-    stop = threading.Event()
+    stop = StopFlag()  # set from the handler: it must take no lock
 
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, on_signal)
+    stop.wake_on_signals()
 
     ssh = ssh_command(args)
     common, worker_only = program_args(args)
@@ -275,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    s.popen.returncode)
         return code
     finally:
+        ignore_stop_signals(STOP_SIGNALS)  # stopping: a late signal must not end dssh midway
         _shutdown(workers, center)
 
 

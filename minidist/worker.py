@@ -64,7 +64,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import wire
-from .cli import add_common_args, run_until_signalled, start_process
+from .cli import DefaultsHelpFormatter, add_common_args, run_until_signalled, start_process
 from .memory import (MemoryManager, SpillBuffer, SpillError, make_local_directory,
                      parse_memory_limit, remove_local_directory, sizeof, tune_allocator)
 from .task import RunSpec, pack_exception, run
@@ -628,23 +628,28 @@ class _InputError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m minidist.worker HOST:PORT`` / ``dworker``: workers under a nanny by default."""
-    parser = argparse.ArgumentParser(prog="dworker", description="Start a minidist worker.")
+    parser = argparse.ArgumentParser(prog="dworker", description="Start a minidist worker.",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("center", help="address of the center, HOST:PORT")
-    parser.add_argument("--nthreads", type=int, default=1, help="task threads (default 1)")
+    parser.add_argument("--nthreads", type=int, default=1, help="task threads")
     parser.add_argument("--port", type=int, default=0, help="port to serve data on (0: any)")
-    parser.add_argument("--name", default=None)
+    parser.add_argument("--name", default=None,
+                        help="name shown by the center and the dashboard (several workers: "
+                             "NAME-0, NAME-1, ...; default: the worker's address)")
     parser.add_argument("--contact-address", default=None,
                         help="HOST:PORT that peers and clients should dial (NAT, containers)")
-    parser.add_argument("--heartbeat-interval", type=float, default=1.0)
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0,
+                        help="seconds between heartbeats to the center")
     parser.add_argument("--death-timeout", type=float, default=None,
-                        help="exit when the center is unreachable this many seconds")
+                        help="exit when the center is unreachable this many seconds (default: "
+                             "keep trying)")
     parser.add_argument("--nworkers", type=int, default=1,
-                        help="worker processes to start, each on its own port (default 1)")
+                        help="worker processes to start, each on its own port")
     parser.add_argument("--memory-limit", default="auto", metavar="LIMIT",
                         help="memory per worker: bytes, '4GB', '512MiB', a fraction of the "
                              "machine (0.25), 'auto' (the machine's memory / --nworkers) or "
                              "'none'; spill at 60%%, pause at 80%% (resume below 75%%), "
-                             "restart at 95%% (default auto)")
+                             "restart at 95%%")
     parser.add_argument("--local-directory", default=None, metavar="DIR",
                         help="where spilled data goes: a fresh directory inside DIR, removed "
                              "when the worker stops (default: the temporary directory)")

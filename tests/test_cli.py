@@ -6,6 +6,7 @@ ready lines, and ends them by PID (the ``spawn`` fixture).
 
 from __future__ import annotations
 
+import argparse
 import ast
 import os
 import re
@@ -337,3 +338,78 @@ def test_center_status_page(spawn):
         assert status()["info"]["tasks"] == {"memory": 1}
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/nothing", timeout=5)
+
+
+# --------------------------------------------------------------------------- --help
+
+
+class _Parsed(Exception):
+    """Raised in place of parsing: carries the parser a program's main built."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        super().__init__()
+        self.parser = parser
+
+
+def program_parser(monkeypatch, main, argv: list[str]) -> argparse.ArgumentParser:
+    """The parser ``main(argv)`` builds, caught when it starts to parse."""
+    def capture(parser, *args, **kwargs):
+        raise _Parsed(parser)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(_Parsed) as caught:
+        main(argv)
+    monkeypatch.undo()
+    return caught.value.parser
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each option's help in ``--help`` output, whitespace collapsed, by its first flag."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        match = re.match(r"  (-[-\w]+|[A-Z]+|\w+)\b", line)
+        if match and not line.startswith("   "):
+            current = match.group(1)
+            entries[current] = line
+        elif current and line.startswith("   "):
+            entries[current] += " " + line
+    return {flag: " ".join(entry.split()) for flag, entry in entries.items()}
+
+
+PROGRAMS = {
+    "center": ("minidist.center", []),
+    "worker": ("minidist.worker", ["127.0.0.1:8787"]),
+    "ssh": ("minidist.ssh", ["host"]),
+}
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_help_shows_every_default(monkeypatch, program):
+    module_name, argv = PROGRAMS[program]
+    module = __import__(module_name, fromlist=["main"])
+    parser = program_parser(monkeypatch, module.main, argv)
+    shown = subprocess.run([sys.executable, "-m", module_name, "--help"], capture_output=True,
+                           text=True, timeout=60, check=True).stdout
+    entries = help_entries(shown)
+    checked = 0
+    for action in parser._actions:
+        default = action.default
+        if (not action.option_strings or action.help == argparse.SUPPRESS or default is None
+                or default is False or default == [] or default == argparse.SUPPRESS):
+            continue
+        entry = entries.get(action.option_strings[0], "")
+        assert f"(default: {default})" in entry, (action.option_strings, entry)
+        checked += 1
+    assert checked >= 3
+
+
+def test_help_shows_the_defaults_the_readme_states():
+    def shown(module: str) -> str:
+        out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+        return " ".join(out.split())
+    center, ssh = shown("minidist.center"), shown("minidist.ssh")
+    for expected in ("(default: 8787)", "(default: 5.0)", "(default: 3)"):
+        assert expected in center
+    for expected in ("(default: python3)", "(default: 8787)", "(default: 60.0)"):
+        assert expected in ssh

@@ -96,8 +96,10 @@ def others_in(ns, allowed):
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL],
-                         ids=["SIGTERM", "Ctrl-C", "SIGKILL"])
+@pytest.mark.parametrize("stop", [(signal.SIGTERM,), (signal.SIGINT,), (signal.SIGKILL,),
+                                  (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                   signal.SIGTERM, signal.SIGINT)],
+                         ids=["SIGTERM", "Ctrl-C", "SIGKILL", "burst"])
 def test_dssh_starts_a_cluster_and_leaves_nothing(net, tmp_path, ssh_keys, stop):
     h1, h2, here = net.host("h1"), net.host("h2"), net.host("cl")
     sshds = [start_sshd(net, h, ssh_keys, tmp_path) for h in (h1, h2)]
@@ -126,8 +128,9 @@ def test_dssh_starts_a_cluster_and_leaves_nothing(net, tmp_path, ssh_keys, stop)
     for pid in programs + others_in(here.ns, [agent.pid]):  # the key is on no command line
         assert KEY.encode() not in cmdline(pid), cmdline(pid)
 
-    dssh.popen.send_signal(stop)
-    if stop != signal.SIGKILL:  # every session ended by itself once its stdin closed
+    for sig in stop:
+        dssh.popen.send_signal(sig)
+    if signal.SIGKILL not in stop:  # every session ended by itself once its stdin closed
         assert dssh.popen.wait(30) == 0, dssh.log()
         assert "dropping the session" not in dssh.log()
     deadline = time.monotonic() + 30
