@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from . import wire
 from .default_scheduler import register_default_scheduler, unregister_default_scheduler
 from .task import (HasKey, InitializerError, InitSpec, KeyConflictError, LostKeyError, RunSpec,
-                   collect, fill_source_lines, pack, unpack_exception)
+                   collect, emit_warnings, fill_source_lines, pack, unpack_exception)
 from .wire import BatchedSender, ConnectionPool, Security
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ class _KeyInfo:
     """What this session knows of one key, shared by all its Futures."""
 
     __slots__ = ("key", "status", "who_has", "value", "exception", "tb", "refs", "futures",
-                 "generation", "cancelled", "token")
+                 "generation", "cancelled", "token", "warnings")
 
     def __init__(self, key: Any) -> None:
         self.key = key
@@ -106,6 +106,7 @@ class _KeyInfo:
         self.generation = 0  # bumps on every event, so fetchers can wait for news
         self.token: str | None = None  # of the task, for a key named with ``key=``
         self.cancelled = False  # some Future of it was cancelled: do not finish it unwatched
+        self.warnings: list | None = None  # what its run warned, until the caller takes it
 
     def add_future(self, future: Future) -> None:
         ref = weakref.ref(future)
@@ -229,11 +230,16 @@ class Future(HasKey, concurrent.futures.Future):
         return self._info.status
 
     def result(self, timeout: float | None = None) -> Any:
-        """Wait for the key, fetch its value from a worker, return it (or raise its error)."""
+        """Wait for the key, fetch its value from a worker, return it (or raise its error).
+
+        Warnings the task raised are warned here, the first time its result is taken.
+        """
         end = None if timeout is None else time.monotonic() + timeout
         self._wait_done(end)
-        value = super().result(0)
         info = self._info
+        if info.warnings and self._state == FINISHED:
+            _emit_warnings(info)
+        value = super().result(0)
         if info.status == "error":
             raise info.exception
         if info.status == "lost":
@@ -814,6 +820,9 @@ class Executor(concurrent.futures.Executor):
         if not found:
             return futures
         concurrent.futures.wait(list(found.values()))
+        for future in found.values():
+            if future._info.warnings:
+                _emit_warnings(future._info)
         failed = {k for k, f in found.items() if f.status in ("error", "lost", "cancelled")}
         if failed and errors == "raise":
             for key in _keys_in_order(futures):
@@ -1168,6 +1177,8 @@ class Executor(concurrent.futures.Executor):
                 info.status = "finished"
                 info.who_has = event["who_has"]
                 info.value = event.get("value")
+                if "warnings" in event:
+                    info.warnings = event["warnings"]
                 info.generation += 1
                 futures += info.live_futures()
                 self._release_orphan(info)
@@ -1175,8 +1186,13 @@ class Executor(concurrent.futures.Executor):
         if futures:
             _finish_all(futures, self._future_condition)
 
-    def _on_erred(self, key: Any, exception: wire.Serialized, traceback: str) -> None:
+    def _on_erred(self, key: Any, exception: wire.Serialized, traceback: str,
+                  warnings: list | None = None) -> None:
         traceback = fill_source_lines(traceback)
+        if warnings:
+            info = self._keys.get(key)
+            if info is not None:
+                info.warnings = warnings
         exc = unpack_exception(exception, traceback)
         if isinstance(exc, InitializerError) and self._init is not None:
             self._break_pool(exc)
@@ -1320,6 +1336,13 @@ def _conflicting_future(key: Any, session: Executor) -> Future:
     future._released = True  # it never held the key
     future._fail(info.exception)
     return future
+
+
+def _emit_warnings(info: _KeyInfo) -> None:
+    """Warn the task's warnings in the caller, once: whoever takes them first empties them."""
+    packed, info.warnings = info.warnings, None
+    if packed:
+        emit_warnings(packed)
 
 
 def _fresh(error: BaseException) -> BaseException:

@@ -119,7 +119,7 @@ class TaskState:
 
     __slots__ = ("key", "state", "spec", "deps", "dependents", "waiting_on", "waiters",
                  "who_wants", "who_has", "worker", "nbytes", "exc", "tb", "suspicious",
-                 "retries", "restrictions", "__weakref__")
+                 "retries", "restrictions", "warnings", "__weakref__")
 
     def __init__(self, key: Any, spec: RunSpec | None) -> None:
         self.key = key
@@ -138,6 +138,8 @@ class TaskState:
         self.suspicious = 0
         self.retries = 0
         self.restrictions: frozenset | None = None
+        # Warnings its run raised (and those of inputs nobody wanted), for its clients.
+        self.warnings: list | None = None
 
     def needed(self) -> bool:
         return bool(self.who_wants or self.waiters)
@@ -549,7 +551,7 @@ class Scheduler:
 
     def _on_task_finished(self, ws: WorkerState, key: Any, nbytes: int = 0,
                           duration: float = 0.0, value: Serialized | None = None,
-                          run: tuple | None = None) -> None:
+                          run: tuple | None = None, warnings: list | None = None) -> None:
         if run is not None and self.history is not None:
             self.history.ran(key, ws.address, run)
         ws.observe(duration)
@@ -575,6 +577,8 @@ class Scheduler:
                 ts.worker = None
                 self._dirty[ws] = None
         ts.nbytes = nbytes
+        if warnings:
+            ts.warnings = (ts.warnings or []) + warnings
         self._to_memory(ts, ws, value)
 
     def _to_memory(self, ts: TaskState, ws: WorkerState, value: Serialized | None = None) -> None:
@@ -592,8 +596,13 @@ class Scheduler:
             msg = {"op": "memory", "key": ts.key, "who_has": [w.address for w in ts.who_has]}
             if value is not None:
                 msg["value"] = value
+            if ts.warnings:
+                msg["warnings"] = ts.warnings
             for cid in ts.who_wants:
                 self._post(self.clients[cid].stream, msg)
+        elif ts.warnings:  # an input nobody wants: its warnings travel with its dependents
+            for waiter in ts.waiters or ():
+                waiter.warnings = (waiter.warnings or []) + ts.warnings
         for waiter in ready:
             self._ready(waiter)
         for dep in ts.deps:
@@ -612,7 +621,8 @@ class Scheduler:
             ws.nbytes += ts.nbytes
 
     def _on_task_erred(self, ws: WorkerState, key: Any, exception: Serialized,
-                       traceback: str, run: tuple | None = None) -> None:
+                       traceback: str, run: tuple | None = None,
+                       warnings: list | None = None) -> None:
         if run is not None and self.history is not None:
             self.history.ran(key, ws.address, run, erred=True)
             self.history.event("task-erred", f"task {key_name(key)} erred on {ws.address}: "
@@ -632,6 +642,8 @@ class Scheduler:
             ts.state = RELEASED
             self._activate([ts])
             return
+        if warnings:
+            ts.warnings = (ts.warnings or []) + warnings
         self._set_erred(ts, exception, traceback)
 
     def _on_missing_data(self, ws: WorkerState, key: Any, dep: Any,
@@ -974,11 +986,15 @@ class Scheduler:
     def _report(self, ts: TaskState, cs: ClientState) -> None:
         """Tell one client where ``ts`` stands, if it has finished one way or another."""
         if ts.state == MEMORY:
-            self._post(cs.stream, {"op": "memory", "key": ts.key,
-                                   "who_has": [w.address for w in ts.who_has]})
+            msg = {"op": "memory", "key": ts.key, "who_has": [w.address for w in ts.who_has]}
+            if ts.warnings:
+                msg["warnings"] = ts.warnings
+            self._post(cs.stream, msg)
         elif ts.state == ERRED:
-            self._post(cs.stream, {"op": "erred", "key": ts.key, "exception": ts.exc,
-                                   "traceback": ts.tb})
+            msg = {"op": "erred", "key": ts.key, "exception": ts.exc, "traceback": ts.tb}
+            if ts.warnings:
+                msg["warnings"] = ts.warnings
+            self._post(cs.stream, msg)
         elif ts.state == LOST:
             self._post(cs.stream, {"op": "lost", "key": ts.key, "reason": ts.tb or "lost"})
 
@@ -1294,6 +1310,8 @@ class Scheduler:
             t.exc, t.tb = exc, tb
             if t.who_wants:
                 msg = {"op": "erred", "key": t.key, "exception": exc, "traceback": tb}
+                if t.warnings:
+                    msg["warnings"] = t.warnings
                 for cid in t.who_wants:
                     self._post(self.clients[cid].stream, msg)
             for waiter in t.waiters or ():

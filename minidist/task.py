@@ -34,6 +34,7 @@ import sys
 import threading
 import traceback
 import types
+import warnings
 import weakref
 from typing import Any, Callable
 
@@ -366,6 +367,86 @@ def run(spec: RunSpec, data: dict) -> Any:
         args = substitute(args, data)
         kwargs = substitute(kwargs, data)
     return func(*args, **kwargs)
+
+
+MAX_WARNINGS = 100
+"""Distinct warnings (category, text, place) kept per task run; the rest are counted away."""
+
+_capturing = threading.local()
+_hook_lock = threading.Lock()
+_original_showwarning: Callable[..., Any] | None = None
+
+
+def _showwarning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                 line: str | None = None) -> None:
+    records = getattr(_capturing, "records", None)
+    if records is None:  # not in a task: the process's own warning, shown as usual
+        assert _original_showwarning is not None
+        _original_showwarning(message, category, filename, lineno, file, line)
+        return
+    place = (category, str(message), filename, lineno)
+    if place not in records and len(records) < MAX_WARNINGS:
+        records[place] = None
+
+
+def _install_hook() -> None:
+    """Route warnings through ``_showwarning``; every task sees each of its warnings.
+
+    Without the ``always`` filter, a warning shown once in this process
+    (the ``default`` action's registry) would be lost for every later task.
+    """
+    global _original_showwarning
+    with _hook_lock:
+        if _original_showwarning is None:
+            _original_showwarning = warnings.showwarning
+            warnings.showwarning = _showwarning
+            warnings.simplefilter("always")
+
+
+class captured_warnings:
+    """``with captured_warnings() as records:`` what this thread's task warned, by place."""
+
+    def __enter__(self) -> dict:
+        if _original_showwarning is None:
+            _install_hook()
+        self.previous = getattr(_capturing, "records", None)
+        _capturing.records = {}
+        return _capturing.records
+
+    def __exit__(self, *exc: Any) -> None:
+        _capturing.records = self.previous
+
+
+def pack_warnings(key: Any, records: dict) -> list | None:
+    """The captured warnings for the trip to the client: ``[(origin, category, name,
+    message, filename, lineno)]``, the category pickled alone (it may not unpickle there)."""
+    if not records:
+        return None
+    packed = []
+    for category, message, filename, lineno in records:
+        try:
+            blob = serialize(category)
+        except Exception:
+            blob = None
+        packed.append((key_name(key), blob, f"{category.__module__}.{category.__qualname__}",
+                       message, filename, lineno))
+    return packed
+
+
+def emit_warnings(packed: list) -> None:
+    """Warn here what a task warned there, through ``warnings`` (the caller's filters apply)."""
+    for _origin, blob, name, message, filename, lineno in packed:
+        category: Any = UserWarning
+        if blob is not None:
+            try:
+                loaded = deserialize(blob)
+                if isinstance(loaded, type) and issubclass(loaded, Warning):
+                    category = loaded
+            except Exception:
+                pass
+        if category is UserWarning and not name.endswith(".UserWarning"):
+            message = f"{name}: {message}"
+        warnings.warn_explicit(message, category, filename, lineno)
 
 
 def pack_exception(exc: BaseException) -> tuple[Serialized, str]:

@@ -67,7 +67,7 @@ from . import wire
 from .cli import DefaultsHelpFormatter, add_common_args, run_until_signalled, start_process
 from .memory import (MemoryManager, SpillBuffer, SpillError, make_local_directory,
                      parse_memory_limit, remove_local_directory, sizeof, tune_allocator)
-from .task import RunSpec, pack_exception, run
+from .task import RunSpec, captured_warnings, pack_exception, pack_warnings, run
 from .wire import BatchedSender, Connection, ConnectionPool, Security
 
 logger = logging.getLogger("minidist.worker")
@@ -516,8 +516,10 @@ class Worker:
             self._send({"op": "missing_data", "key": key, "dep": gone[0], "holders": []})
             return
         start = time.time()
+        records: dict = {}
         try:
-            result = run(item.spec, self.data)
+            with captured_warnings() as records:
+                result = run(item.spec, self.data)
         except BaseException as e:  # a task must never take a worker thread down
             if isinstance(e, SpillError) and e.key is not None and e.key != key:
                 # An input's spill file is gone or damaged: the center recomputes the
@@ -526,8 +528,11 @@ class Worker:
                 self._send({"op": "missing_data", "key": key, "dep": e.key, "holders": []})
                 return
             blob, tb = pack_exception(e)
-            self._send({"op": "task_erred", "key": key, "exception": blob, "traceback": tb,
-                        "run": (start, time.time(), thread)})
+            msg = {"op": "task_erred", "key": key, "exception": blob, "traceback": tb,
+                   "run": (start, time.time(), thread)}
+            if records:
+                msg["warnings"] = pack_warnings(key, records)
+            self._send(msg)
             return
         finally:
             self.executed += 1
@@ -539,6 +544,8 @@ class Worker:
         value = _small_value(result, nbytes)
         if value is not None:
             msg["value"] = value
+        if records:
+            msg["warnings"] = pack_warnings(key, records)
         self._send(msg)
         self.memory.after_put()
 

@@ -386,7 +386,7 @@ later = Client({cluster.address!r})
 assert dask.config.get('scheduler') == later.get
 later.close()
 assert dask.config.get('scheduler', None) is None
-assert not any(type(f).__module__.startswith('minidist') for f in sys.meta_path)
+assert not any(type(f).__module__ == 'minidist.default_scheduler' for f in sys.meta_path)
 print('ok')
 """
     run_script(cluster, script)
@@ -397,11 +397,11 @@ def test_closing_every_waiting_client_removes_the_import_hook(cluster):
 import sys
 from minidist import Client
 clients = [Client({cluster.address!r}) for _ in range(2)]
-hooks = [f for f in sys.meta_path if type(f).__module__.startswith('minidist')]
+hooks = [f for f in sys.meta_path if type(f).__module__ == 'minidist.default_scheduler']
 assert len(hooks) == 1, sys.meta_path
 for client in clients:
     client.close()
-assert not any(type(f).__module__.startswith('minidist') for f in sys.meta_path)
+assert not any(type(f).__module__ == 'minidist.default_scheduler' for f in sys.meta_path)
 import dask
 assert dask.config.get('scheduler', None) is None
 print('ok')
