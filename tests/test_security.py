@@ -423,3 +423,113 @@ def test_tls_client_against_plain_center_fails_clearly(spawn, certs):
         Executor(center.address, tls_ca=certs["ca.pem"], tls_cert=certs["node.pem"],
                  tls_key=certs["node.key"], timeout=10)
     assert time.monotonic() - t0 < 3
+
+
+# --------------------------------------------------------------------------- slow talkers
+
+
+class SlowTalkers:
+    """Connections that send ``payload`` one byte every ``pace`` seconds, all from one thread.
+
+    ``closed_at[i]`` is when the server closed connection ``i`` (monotonic).
+    """
+
+    def __init__(self, address: str, n: int, payload: bytes, pace: float = 0.5) -> None:
+        self.payload = payload
+        self.pace = pace
+        self.socks = [socket.create_connection(wire.parse_address(address), timeout=10)
+                      for _ in range(n)]
+        for sock in self.socks:
+            sock.setblocking(False)
+        self.opened = time.monotonic()
+        self.ports = [s.getsockname()[1] for s in self.socks]
+        self.closed_at: dict[int, float] = {}
+        self.sent = [0] * n
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drip, daemon=True)
+        self._thread.start()
+
+    def _drip(self) -> None:
+        while not self._stop.is_set() and len(self.closed_at) < len(self.socks):
+            for i, sock in enumerate(self.socks):
+                if i not in self.closed_at and self._closed(sock):
+                    self.closed_at[i] = time.monotonic()
+                elif i not in self.closed_at:
+                    try:
+                        sock.send(self.payload[self.sent[i] % len(self.payload):][:1])
+                        self.sent[i] += 1
+                    except OSError:
+                        self.closed_at[i] = time.monotonic()
+            self._stop.wait(self.pace)
+
+    @staticmethod
+    def _closed(sock: socket.socket) -> bool:
+        """Has the server closed ``sock``?  Reads (and drops) what it sent; never blocks."""
+        try:
+            while True:
+                if not sock.recv(4096):
+                    return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sock in self.socks:
+            sock.close()
+
+
+def closed_at_once(address: str, timeout: float = 2.0) -> bool:
+    """Dial ``address`` and say nothing: does the server close the connection within ``timeout``?"""
+    with socket.create_connection(wire.parse_address(address), timeout=timeout) as sock:
+        try:
+            return sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("tls", [False, True])
+def test_slow_handshakes_are_cut_at_the_deadline_and_capped(spawn, certs, tls):
+    cap = 6
+    env = {"MINIDIST_AUTH_KEY": KEY, "MINIDIST_MAX_HANDSHAKES": str(cap)}
+    tls_args = ["--tls-cert", certs["node.pem"], "--tls-key", certs["node.key"]] if tls else []
+    client_tls = dict(tls_ca=certs["ca.pem"]) if tls else {}
+    center = spawn("center", "--port", "0", "--host", "127.0.0.1", *tls_args, env=env)
+    address = f"127.0.0.1:{center.address.rpartition(':')[2]}"
+    spawn("worker", address, "--host", "127.0.0.1", *tls_args, env=env)
+    hello = struct.pack("!8sBB", wire.MAGIC, wire.VERSION, 1)
+    # Over TLS: a record header that announces a 16 KiB handshake record, then its body.
+    payload = (b"\x16\x03\x01\x40\x00" + bytes(1 << 14)) if tls else hello + bytes(64)
+    with Executor(address, auth_key=KEY, **client_tls) as e:
+        assert e.submit(inc, 1).result(timeout=20) == 2
+        slow = SlowTalkers(address, cap, payload, pace=0.5)
+        try:
+            # The cap is full: more connections are closed as soon as they are accepted.
+            extra = [closed_at_once(address) for _ in range(4)]
+            assert all(extra), extra
+            # The client that holds the key, already connected, is served throughout.
+            assert list(e.map(inc, range(20))) == list(range(1, 21))
+            # However slowly they talk, the slow ones are cut at the deadline.
+            wait_for(lambda: len(slow.closed_at) == cap, wire.HANDSHAKE_TIMEOUT + 5,
+                     message="the slow connections to be closed")
+            lasted = [slow.closed_at[i] - slow.opened for i in range(cap)]
+            assert max(lasted) < wire.HANDSHAKE_TIMEOUT + 1.5, lasted
+            assert min(lasted) > wire.HANDSHAKE_TIMEOUT - 1, lasted
+            assert min(slow.sent) >= 8, slow.sent  # they kept talking all along
+        finally:
+            slow.close()
+        log = wait_for(lambda: all(f"127.0.0.1:{port}" in center.log() for port in slow.ports)
+                       and center.log(), 5, message="a log line per slow connection")
+        for port in slow.ports:
+            assert any(f"127.0.0.1:{port}" in ln and "timed out" in ln
+                       for ln in log.splitlines()), port
+        refusals = [ln for ln in log.splitlines() if "in the handshake already" in ln]
+        assert 1 <= len(refusals) <= 2, refusals  # at most one line a second
+        # With the slots free again, new clients get in.
+        with Executor(address, auth_key=KEY, **client_tls) as e2:
+            assert e2.submit(inc, 2).result(timeout=20) == 3
