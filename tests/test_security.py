@@ -481,3 +481,30 @@ def test_slow_handshakes_are_cut_at_the_deadline_and_capped(spawn, certs, tls):
         # With the slots free again, new clients get in.
         with Executor(address, auth_key=KEY, **client_tls) as e2:
             assert e2.submit(inc, 2).result(timeout=20) == 3
+
+
+# --------------------------------------------------------------------------- dssh
+
+
+def test_dssh_passes_a_host_named_like_an_option_as_a_host(tmp_path):
+    """The ssh command dssh runs has ``--`` before the host, so ``-oProxyCommand=...`` is a name.
+
+    The ``ssh`` first on PATH here writes down its arguments and fails, as
+    an unreachable host would; dssh then stops on its own.
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    argv_file = tmp_path / "argv"
+    (bin_dir / "ssh").write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" > {argv_file}\nexit 255\n')
+    (bin_dir / "ssh").chmod(0o755)
+    proof = tmp_path / "proxy-ran"
+    host = f"-oProxyCommand=touch {proof}"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MINIDIST_AUTH_KEY": KEY}
+    run = subprocess.run([sys.executable, "-m", "minidist.ssh", "--timeout", "10",
+                          "--ssh-option", "ConnectTimeout=5", "--", host],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr
+    argv = argv_file.read_bytes().split(b"\0")[:-1]
+    assert b"--" in argv and argv[argv.index(b"--") + 1] == host.encode(), argv
+    assert argv.index(host.encode()) == argv.index(b"--") + 1  # not among the options before
+    assert not proof.exists()
