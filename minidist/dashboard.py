@@ -6,7 +6,7 @@ center::
   browser  --GET /-----------> page (HTML, CSS, JS inline; nothing fetched elsewhere)
   page JS  --GET /data.json?since=N every second--+
   Prometheus --GET /metrics-----------------------+--> _Monitor.refresh (at most every 0.5 s)
-  scripts  --GET /status.json (as before)         |      |  one query on the scheduler thread:
+  scripts  --GET /status.json---------------------+      |  one query on the scheduler thread:
                                                   |      v  task counts by prefix and state,
                                                   +-- snapshot  workers, runs and events since
                                                                 its last mark (center.history)
@@ -21,11 +21,14 @@ stretches the interval, so watching never costs the center more.  Every run coun
 those after the last number it has.
 
 The server is read-only: GET only, nothing it serves runs code, requests
-are bounded (the stdlib's 64 KiB request line and 100 headers, a socket
-timeout, at most ``MAX_CONNECTIONS`` served at once; more are closed at
-once), and it binds 127.0.0.1 unless told otherwise.  What it shows
-(worker addresses, task keys, error lines) is readable by anyone who can
-reach its port.
+are bounded (the stdlib's 64 KiB request line and 100 headers, one
+``REQUEST_TIMEOUT`` deadline for the whole request and its answer, at most
+``MAX_CONNECTIONS`` at once, where a new connection takes the place of the
+one that has waited longest for its request), it answers 403 to a ``Host``
+header that is not one of its own names (a page that rebinds its own
+name to this address reads nothing), and it binds 127.0.0.1 unless told
+otherwise.  What it shows (worker addresses, task keys, error lines) is
+readable by anyone who can reach its port.
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ flag saying whether it holds an auth key; the server answers with a status
 byte.  With an auth key both ends prove they hold it (HMAC-SHA256 over a
 fresh random nonce from the other side), as ``multiprocessing.connection``
 does with ``deliver_challenge`` / ``answer_challenge``.  TLS, when
-configured, wraps the socket before the handshake.
+configured, wraps the socket before the handshake.  A server gives each
+new connection ``HANDSHAKE_TIMEOUT`` seconds for all of it, and lets at
+most ``MAX_HANDSHAKES`` be in it at once.
 
 On top of that sit a ``Server`` (a ``ThreadingTCPServer`` dispatching
 ``{"op": name, ...}`` to a table of handlers), a blocking ``rpc`` proxy
