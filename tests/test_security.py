@@ -460,6 +460,8 @@ def test_slow_handshakes_are_cut_at_the_deadline_and_capped(spawn, certs, tls):
             # The cap is full: more connections are closed as soon as they are accepted.
             extra = [closed_at_once(address) for _ in range(4)]
             assert all(extra), extra
+            with pytest.raises(ConnectionError):  # even with the key, while the cap is full
+                Executor(address, auth_key=KEY, timeout=2, **client_tls)
             # The client that holds the key, already connected, is served throughout.
             assert list(e.map(inc, range(20))) == list(range(1, 21))
             # However slowly they talk, the slow ones are cut at the deadline.
