@@ -287,7 +287,7 @@ class _Monitor:
         return json.loads(self.data_json(since))
 
     def status(self) -> dict:
-        """What ``/status.json`` answers (the center's ``info`` and ``workers``), from the snapshot."""
+        """``/status.json``: the center's ``info`` and ``workers``, from the snapshot."""
         snap = self.current()
         info = {"tasks": snap["states"], "ntasks": snap["ntasks"], "workers": snap["nworkers"],
                 "clients": snap["clients"], "queued": snap["queued"]}

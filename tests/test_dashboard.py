@@ -211,7 +211,7 @@ def test_key_split(key, prefix):
     assert key_split(key) == prefix
 
 
-# ---------------------------------------------------------------------- who may ask, and how slowly
+# ---------------------------------------------------------------------- who may ask, how slowly
 
 
 def request_with_host(link: str, host: str | None, path: str = "/status.json",

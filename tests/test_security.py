@@ -430,7 +430,7 @@ def test_tls_client_against_plain_center_fails_clearly(spawn, certs):
 
 
 def closed_at_once(address: str, timeout: float = 2.0) -> bool:
-    """Dial ``address`` and say nothing: does the server close the connection within ``timeout``?"""
+    """Dial ``address``, say nothing: does the server close the connection within ``timeout``?"""
     with socket.create_connection(wire.parse_address(address), timeout=timeout) as sock:
         try:
             return sock.recv(1) == b""
