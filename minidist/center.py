@@ -403,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dashboard-host", default=None,
                         help="interface for the dashboard (default: --host if given, "
                         "else 127.0.0.1; it has no authentication)")
+    parser.add_argument("--dashboard-allowed-host", action="append", default=[], metavar="NAME",
+                        help="a host name the dashboard may be reached by, besides its "
+                        "address, localhost and --contact-address (repeatable); other "
+                        "Host headers get 403")
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0,
                         help="seconds without news before a worker is declared dead")
     parser.add_argument("--allowed-failures", type=int, default=3,
@@ -435,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dashboard_port is not None:
         dashboard_host = args.dashboard_host or args.host or "127.0.0.1"
         try:
-            url = serve_dashboard(center, dashboard_host, args.dashboard_port)
+            url = serve_dashboard(center, dashboard_host, args.dashboard_port,
+                                  args.dashboard_allowed_host)
         except OSError as e:
             print(f"cannot serve the dashboard on {dashboard_host}:{args.dashboard_port}: {e}",
                   file=sys.stderr)

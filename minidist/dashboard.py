@@ -6,7 +6,7 @@ center::
   browser  --GET /-----------> page (HTML, CSS, JS inline; nothing fetched elsewhere)
   page JS  --GET /data.json?since=N every second--+
   Prometheus --GET /metrics-----------------------+--> _Monitor.refresh (at most every 0.5 s)
-  scripts  --GET /status.json (as before)         |      |  one query on the scheduler thread:
+  scripts  --GET /status.json---------------------+      |  one query on the scheduler thread:
                                                   |      v  task counts by prefix and state,
                                                   +-- snapshot  workers, runs and events since
                                                                 its last mark (center.history)
@@ -21,24 +21,30 @@ stretches the interval, so watching never costs the center more.  Every run coun
 those after the last number it has.
 
 The server is read-only: GET only, nothing it serves runs code, requests
-are bounded (the stdlib's 64 KiB request line and 100 headers, a socket
-timeout, at most ``MAX_CONNECTIONS`` served at once; more are closed at
-once), and it binds 127.0.0.1 unless told otherwise.  What it shows
-(worker addresses, task keys, error lines) is readable by anyone who can
-reach its port.
+are bounded (the stdlib's 64 KiB request line and 100 headers, one
+``REQUEST_TIMEOUT`` deadline for the whole request and its answer, at most
+``MAX_CONNECTIONS`` at once, where a new connection takes the place of the
+one that has waited longest for its request), it answers 403 to a ``Host``
+header that is not one of its own names (a page that rebinds its own
+name to this address reads nothing), and it binds 127.0.0.1 unless told
+otherwise.  What it shows (worker addresses, task keys, error lines) is
+readable by anyone who can reach its port.
 """
 
 from __future__ import annotations
 
+import io
+import ipaddress
 import json
 import logging
 import re
+import socket
 import sys
 import threading
 import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 from urllib.parse import parse_qs, urlsplit
 
 from .task import key_name
@@ -60,8 +66,10 @@ STREAM_SAMPLE = 2000
 """Runs of one refresh that join the task stream (the newest): past 2,000 tasks/s the page
 shows a sample, which keeps watching cheap.  Totals count every run."""
 PAGE_EVENTS = 100
-MAX_CONNECTIONS = 16
+MAX_CONNECTIONS = 64
+"""Connections served at once; past it, one still waiting for its request makes room."""
 REQUEST_TIMEOUT = 10.0
+"""Seconds a connection has to send its request and take the answer, however it paces bytes."""
 MEMORY_FIELDS = ("memory_managed", "memory_spilled", "memory_unmanaged", "paused")
 """Worker fields shown when the worker reports them."""
 
@@ -158,7 +166,7 @@ def _read_center(center: Center, mark: int, event_mark: int, prefixes: dict,
     runs = history.runs_since(mark)  # all of them, for the totals per prefix
     event_mark, events = history.events_since(event_mark)
     return {"counts": counts, "workers": center.worker_info(), "clients": len(sched.clients),
-            "runs": runs, "events": events, "event_mark": event_mark,
+            "queued": len(sched.queued), "runs": runs, "events": events, "event_mark": event_mark,
             "completed": history.nruns - history.nerred, "erred": history.nerred,
             "started": history.started, "cpu": time.thread_time() - cpu}
 
@@ -245,7 +253,7 @@ class _Monitor:
             "center": self.center.address, "time": time.time(), "started": raw["started"],
             "workers": workers, "nworkers": len(workers),
             "nthreads": sum(w["nthreads"] for w in workers), "clients": raw["clients"],
-            "states": states, "ntasks": sum(states.values()),
+            "states": states, "ntasks": sum(states.values()), "queued": raw["queued"],
             "completed_total": completed, "erred_total": raw["erred"],
             "tasks_per_second": rate,
             "prefixes": [[p, by_prefix.get(p, {}), *done.get(p, (0, 0))] for p in names],
@@ -277,6 +285,15 @@ class _Monitor:
     def data(self, since: int) -> dict:
         """``data_json`` as a dict."""
         return json.loads(self.data_json(since))
+
+    def status(self) -> dict:
+        """``/status.json``: the center's ``info`` and ``workers``, from the snapshot."""
+        snap = self.current()
+        info = {"tasks": snap["states"], "ntasks": snap["ntasks"], "workers": snap["nworkers"],
+                "clients": snap["clients"], "queued": snap["queued"]}
+        workers = {w["address"]: {k: v for k, v in w.items() if k != "address"}
+                   for w in snap["workers"]}
+        return {"center": snap["center"], "info": info, "workers": workers}
 
 
 # ---------------------------------------------------------------------- Prometheus
@@ -335,42 +352,154 @@ def metrics_text(snapshot: dict) -> str:
 # ---------------------------------------------------------------------- HTTP
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's bytes for a buffered reader, none after ``deadline`` (monotonic).
+
+    A plain socket timeout restarts with every byte, so a client that sends
+    one byte every few seconds could hold a connection for ever; here every
+    read waits at most until the request's one deadline.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request timed out")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
 class _Server(ThreadingHTTPServer):
-    """A ThreadingHTTPServer that serves at most ``MAX_CONNECTIONS`` requests at once."""
+    """A ThreadingHTTPServer that serves at most ``MAX_CONNECTIONS`` connections at once.
+
+    When all are taken, a new connection takes the place of the one that
+    has waited longest for its request to arrive (closed at once); if every
+    connection has its request already, the new one is closed instead.
+    Connections that trickle their request in so cannot keep a page out.
+    """
 
     daemon_threads = True
     request_queue_size = 64
 
     def __init__(self, address: tuple, handler: type) -> None:
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._lock = threading.Lock()
+        self._reading: dict[Any, float] = {}  # connection -> since when, until its request came
+        self._open = 0
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # busy: refuse rather than queue a thread
+        if not self._admit(request):
+            self.shutdown_request(request)  # busy with whole requests: refuse rather than queue
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._forget(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._forget(request)
+
+    def _admit(self, request: Any) -> bool:
+        with self._lock:
+            if self._open >= MAX_CONNECTIONS:
+                if not self._reading:
+                    return False
+                oldest = min(self._reading, key=self._reading.__getitem__)
+                del self._reading[oldest]
+                _cut(oldest)  # its thread sees the end of the stream and goes
+            self._open += 1
+            self._reading[request] = time.monotonic()
+        return True
+
+    def request_read(self, request: Any) -> None:
+        """The request on ``request`` has arrived whole: it is no longer a candidate to cut."""
+        with self._lock:
+            self._reading.pop(request, None)
+
+    def _forget(self, request: Any) -> None:
+        with self._lock:
+            self._open -= 1
+            self._reading.pop(request, None)
 
 
-def _make_handler(center: Center, monitor: _Monitor) -> type:
-    info = center._query(center.info)
-    workers = center._query(center.worker_info)
+def _cut(sock: socket.socket) -> None:
+    """End both directions of ``sock`` now; the thread that reads it gets the end of stream."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+def allowed_hosts(bound: str, contact: str, extra: Iterable[str] = ()) -> frozenset[str]:
+    """The ``Host`` header values (without port) the dashboard answers.
+
+    Its bind address; ``localhost``, ``127.0.0.1`` and ``::1`` when bound to
+    loopback or to every interface; the center's contact host; ``extra``.
+    Any other name could be one an attacker's page rebound to this address.
+    """
+    names = {bound, contact, *extra}
+    if bound in LOOPBACK_HOSTS or bound in _WILDCARD_HOSTS:
+        names |= LOOPBACK_HOSTS
+    return frozenset(_host_name(n) for n in names if n and n not in _WILDCARD_HOSTS)
+
+
+def _host_name(value: str) -> str:
+    """The host part of a ``Host`` header (``name:port``, ``[v6]:port``), lower case."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    if value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _make_handler(center: Center, monitor: _Monitor, hosts: frozenset[str],
+                  any_address: bool) -> type:
+    """The request handler: routes, the Host check and the per-request deadline.
+
+    ``hosts`` are the names answered; with ``any_address`` (bound to every
+    interface) any IP address is answered too, since an address, unlike a
+    name, cannot be rebound.
+    """
 
     class Handler(BaseHTTPRequestHandler):
         timeout = REQUEST_TIMEOUT
         server_version = "minidist-dashboard"
 
+        def setup(self) -> None:
+            super().setup()
+            self.rfile.close()  # the plain reader: replaced by one that keeps the deadline
+            self.deadline = time.monotonic() + REQUEST_TIMEOUT
+            self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self.deadline))
+
         def do_GET(self) -> None:
+            self.server.request_read(self.connection)
+            if not self.host_allowed():
+                self.send_error(403, explain="unknown Host: pass it to --dashboard-allowed-host")
+                return
             try:
                 url = urlsplit(self.path)
                 route = self.routes.get(url.path)
@@ -385,6 +514,7 @@ def _make_handler(center: Center, monitor: _Monitor) -> type:
                 logger.exception("dashboard request %.200r failed", self.path)
                 self.send_error(500)
                 return
+            self.connection.settimeout(max(0.001, self.deadline - time.monotonic()))
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
@@ -393,13 +523,23 @@ def _make_handler(center: Center, monitor: _Monitor) -> type:
             self.end_headers()
             self.wfile.write(body)
 
+        def host_allowed(self) -> bool:
+            """Is the ``Host`` header one this dashboard serves?  (None: not a browser, yes.)"""
+            values = self.headers.get_all("Host") or []
+            if not values:
+                return True
+            host = _host_name(values[0])
+            ok = len(values) == 1 and (host in hosts or any_address and _is_ip_address(host))
+            if not ok:
+                logger.warning("dashboard: refused a request for Host %.100r from %s",
+                               values[0], self.address_string())
+            return ok
+
         def page(self, query: dict) -> tuple[int, str, bytes]:
             return 200, "text/html; charset=utf-8", PAGE_HTML.encode()
 
         def status_json(self, query: dict) -> tuple[int, str, bytes]:
-            body = json.dumps({"center": center.address, "info": info(None),
-                               "workers": workers(None)}, indent=1)
-            return 200, "application/json", body.encode()
+            return 200, "application/json", json.dumps(monitor.status(), indent=1).encode()
 
         def data_json(self, query: dict) -> tuple[int, str, bytes]:
             since = int(query.get("since", ["0"])[0])
@@ -419,18 +559,24 @@ def _make_handler(center: Center, monitor: _Monitor) -> type:
     return Handler
 
 
-def serve_dashboard(center: Center, host: str, port: int) -> str:
+def serve_dashboard(center: Center, host: str, port: int,
+                    allowed: Iterable[str] = ()) -> str:
     """Serve the dashboard on ``host:port`` (0: any free port) in background threads.
 
-    Returns its URL, ``http://HOST:PORT/``; a wildcard host is shown as the
-    address other machines reach the center by.
+    Requests whose ``Host`` is not a name of this dashboard (see
+    ``allowed_hosts``; ``allowed`` adds names) get 403.  Returns its URL,
+    ``http://HOST:PORT/``; a wildcard host is shown as the address other
+    machines reach the center by.
     """
     monitor = _Monitor(center)
-    httpd = _Server((host, port), _make_handler(center, monitor))
+    contact = center.address.rpartition(":")[0].strip("[]")
+    hosts = allowed_hosts(host, contact, allowed)
+    handler = _make_handler(center, monitor, hosts, any_address=host in _WILDCARD_HOSTS)
+    httpd = _Server((host, port), handler)
     threading.Thread(target=httpd.serve_forever, name="dashboard", daemon=True).start()
     bound_host, bound_port = httpd.server_address[:2]
-    if bound_host in ("0.0.0.0", "::", ""):
-        bound_host = center.address.rpartition(":")[0]
+    if bound_host in _WILDCARD_HOSTS:
+        bound_host = contact
     return f"http://{format_address(bound_host, bound_port)}/"
 
 

@@ -106,7 +106,8 @@ class Session:
         self._lock = out_lock
         remote = shlex.join([remote_python, "-u", "-c", _BOOTSTRAP])
         # A session of its own: Ctrl-C in the terminal reaches dssh, which stops in order.
-        self.popen = subprocess.Popen([*ssh, host, remote], stdin=subprocess.PIPE,
+        # "--": a host named like an option (-oProxyCommand=...) stays a host name.
+        self.popen = subprocess.Popen([*ssh, "--", host, remote], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         spec = json.dumps({"env": env, "commands": commands}) + "\n"

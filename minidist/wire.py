@@ -30,7 +30,9 @@ flag saying whether it holds an auth key; the server answers with a status
 byte.  With an auth key both ends prove they hold it (HMAC-SHA256 over a
 fresh random nonce from the other side), as ``multiprocessing.connection``
 does with ``deliver_challenge`` / ``answer_challenge``.  TLS, when
-configured, wraps the socket before the handshake.
+configured, wraps the socket before the handshake.  A server gives each
+new connection ``HANDSHAKE_TIMEOUT`` seconds for all of it, and lets at
+most ``MAX_HANDSHAKES`` be in it at once.
 
 On top of that sit a ``Server`` (a ``ThreadingTCPServer`` dispatching
 ``{"op": name, ...}`` to a table of handlers), a blocking ``rpc`` proxy
@@ -75,6 +77,10 @@ DEFAULT_PORT = 8787
 DEFAULT_MAX_FRAME_BYTES = int(os.environ.get("MINIDIST_MAX_FRAME_BYTES", 4 << 30))
 MAX_FRAMES = 1 << 16
 HANDSHAKE_TIMEOUT = 5.0
+"""Seconds a server gives a new connection to finish the whole handshake (TLS included)."""
+MAX_HANDSHAKES = int(os.environ.get("MINIDIST_MAX_HANDSHAKES", 256))
+"""Connections a server lets be in the handshake at once; more are closed at once."""
+REFUSAL_LOG_INTERVAL = 1.0
 
 _WRITABLE = 1 << 63   # length flag: the receiver must be able to write this frame
 _BYTEARRAY = 1 << 62  # length flag: and it must arrive as a bytearray (it was one)
@@ -493,9 +499,11 @@ def read_frames(rfile: Any, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
 # Handshake: fixed-size fields only, nothing unpickled
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """``n`` bytes from ``sock``; with a ``deadline`` (monotonic), all of them before it."""
     data = b""
     while len(data) < n:
+        _time_left(sock, deadline)
         chunk = sock.recv(n - len(data))
         if not chunk:
             raise ConnectionError("connection closed during handshake")
@@ -503,35 +511,59 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
+def _time_left(sock: socket.socket, deadline: float | None) -> None:
+    """Make the next blocking call on ``sock`` give up at ``deadline``; raise if it passed.
+
+    A peer that sends one byte at a time resets a plain socket timeout with
+    every byte: only a deadline bounds the whole exchange.
+    """
+    if deadline is None:
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("handshake timed out")
+    sock.settimeout(left)
+
+
+def _send_before(sock: socket.socket, data: bytes, deadline: float | None) -> None:
+    _time_left(sock, deadline)
+    sock.sendall(data)
+
+
 def _proof(key: bytes, role: bytes, nonce: bytes) -> bytes:
     return hmac.new(key, MAGIC + role + nonce, hashlib.sha256).digest()
 
 
-def deliver_challenge(sock: socket.socket, key: bytes | None) -> None:
-    """Server side: check the client's hello and, with a key, authenticate both ways."""
-    magic, version, flags = _HELLO.unpack(_recv_exact(sock, _HELLO.size))
+def deliver_challenge(sock: socket.socket, key: bytes | None,
+                      deadline: float | None = None) -> None:
+    """Server side: check the client's hello and, with a key, authenticate both ways.
+
+    With a ``deadline`` (``time.monotonic()`` value) the whole exchange must
+    end before it, however the peer paces its bytes; else TimeoutError.
+    """
+    magic, version, flags = _HELLO.unpack(_recv_exact(sock, _HELLO.size, deadline))
     if magic != MAGIC:
         raise ProtocolError("not a minidist peer (bad magic)")
     if version != VERSION:
-        sock.sendall(bytes([_BAD_VERSION]))
+        _send_before(sock, bytes([_BAD_VERSION]), deadline)
         raise ProtocolError(f"protocol version {version}, expected {VERSION}")
     client_has_key = bool(flags & _FLAG_HAS_KEY)
     if key is None:
-        sock.sendall(bytes([_HAS_NO_KEY if client_has_key else _OK]))
+        _send_before(sock, bytes([_HAS_NO_KEY if client_has_key else _OK]), deadline)
         if client_has_key:
             raise AuthenticationError("client offered an auth key but this server has none")
         return
     if not client_has_key:
-        sock.sendall(bytes([_NEEDS_KEY]))
+        _send_before(sock, bytes([_NEEDS_KEY]), deadline)
         raise AuthenticationError("client has no auth key")
     nonce = secrets.token_bytes(_NONCE)
-    sock.sendall(bytes([_OK_AUTH]) + nonce)
-    answer = _recv_exact(sock, 32 + _NONCE)
+    _send_before(sock, bytes([_OK_AUTH]) + nonce, deadline)
+    answer = _recv_exact(sock, 32 + _NONCE, deadline)
     proof, client_nonce = answer[:32], answer[32:]
     if not hmac.compare_digest(proof, _proof(key, b"client", nonce)):
-        sock.sendall(bytes([_REJECTED]))
+        _send_before(sock, bytes([_REJECTED]), deadline)
         raise AuthenticationError("wrong auth key")
-    sock.sendall(bytes([_OK]) + _proof(key, b"server", client_nonce))
+    _send_before(sock, bytes([_OK]) + _proof(key, b"server", client_nonce), deadline)
 
 
 def answer_challenge(sock: socket.socket, key: bytes | None, peer: str) -> None:
@@ -1030,6 +1062,17 @@ class _TCPServer(socketserver.ThreadingTCPServer):
             self.socket = sock
             self.server_address = sock.getsockname()
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the new connection, unless too many are still in the handshake."""
+        if not self.owner._admit():
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.owner._handshake_over()
+            raise
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         logger.exception("error on connection from %s", client_address)
 
@@ -1051,15 +1094,28 @@ class Server:
     connection stays open.  Bad bytes, failed handshakes and messages that
     are not operations close that one connection with a log line; the
     server keeps serving.
+
+    Before authentication a peer gets little: ``handshake_timeout`` seconds
+    for the whole handshake (TLS included), however it paces its bytes, and
+    at most ``max_handshakes`` connections may be in the handshake at once.
+    Past that, new connections are closed as soon as they are accepted,
+    with a log line at most once a second; connections that have passed
+    the handshake are served as before.
     """
 
     def __init__(self, handlers: dict[str, Callable[..., Any]], *,
                  security: Security | None = None, name: str = "server",
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 max_handshakes: int = MAX_HANDSHAKES) -> None:
         self.handlers = handlers
         self.security = security or Security()
         self.name = name
         self.handshake_timeout = handshake_timeout
+        self.max_handshakes = max_handshakes
+        self._handshakes = 0        # connections accepted and not yet through the handshake
+        self._refused = 0           # refused since the last log line about it
+        self._refusal_logged = float("-inf")
+        self._admit_lock = threading.Lock()
         self._tcp: _TCPServer | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[Connection] = set()
@@ -1115,20 +1171,52 @@ class Server:
         assert self._tcp is not None, "listen() first"
         return self._tcp.server_address[1]
 
+    def _admit(self) -> bool:
+        """Count a new connection into the handshake, or say no when that is full."""
+        with self._admit_lock:
+            if self._handshakes < self.max_handshakes:
+                self._handshakes += 1
+                return True
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._refusal_logged < REFUSAL_LOG_INTERVAL:
+                return False
+            self._refusal_logged, refused, self._refused = now, self._refused, 0
+        logger.warning("%s: closed %d new connection(s) at once: %d are in the handshake "
+                       "already (the most allowed)", self.name, refused, self.max_handshakes)
+        return False
+
+    def _handshake_over(self) -> None:
+        with self._admit_lock:
+            self._handshakes -= 1
+
     def _serve_connection(self, sock: socket.socket, client_address: Any) -> None:
         peer = format_address(*client_address[:2])
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self.handshake_timeout)
         try:
+            sock = self._handshake(sock, peer)
+        finally:
+            self._handshake_over()
+        if sock is not None:
+            self._serve_authenticated(sock, peer)
+
+    def _handshake(self, sock: socket.socket, peer: str) -> socket.socket | None:
+        """TLS and the auth handshake within ``handshake_timeout``: the socket, or None."""
+        deadline = time.monotonic() + self.handshake_timeout
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self.handshake_timeout)  # bounds the TLS handshake as a whole
             if self.security.server_ssl is not None:
                 sock = self.security.server_ssl.wrap_socket(sock, server_side=True)
-            deliver_challenge(sock, self.security.auth_key)
+            deliver_challenge(sock, self.security.auth_key, deadline)
         except (OSError, ValueError) as e:
             logger.warning("%s: dropped connection from %s: handshake failed: %s",
                            self.name, peer, e)
             sock.close()
-            return
+            return None
         sock.settimeout(None)
+        return sock
+
+    def _serve_authenticated(self, sock: socket.socket, peer: str) -> None:
         conn = Connection(sock, peer)
         with self._conns_lock:
             self._conns.add(conn)

@@ -335,7 +335,8 @@ def test_center_status_page(spawn):
     with Executor(center.address) as e:
         f = e.submit(abs, -3)
         assert f.result(timeout=10) == 3
-        assert status()["info"]["tasks"] == {"memory": 1}
+        wait_for(lambda: status()["info"]["tasks"] == {"memory": 1},  # read once a second
+                 message="the task in status.json")
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/nothing", timeout=5)
 

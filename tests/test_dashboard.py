@@ -20,6 +20,7 @@ from minidist.dashboard import key_split
 
 from browser import dump_dom
 from conftest import wait_for
+from slow_talkers import SlowTalkers
 
 
 def inc(x):
@@ -208,3 +209,90 @@ def test_dashboard_port_in_use_is_a_clear_error(spawn):
 ])
 def test_key_split(key, prefix):
     assert key_split(key) == prefix
+
+
+# ---------------------------------------------------------------------- who may ask, how slowly
+
+
+def request_with_host(link: str, host: str | None, path: str = "/status.json",
+                      extra: bytes = b"") -> bytes:
+    """The raw reply to ``GET path`` with the given ``Host`` header (None: no header)."""
+    line = b"GET " + path.encode() + b" HTTP/1.1\r\n"
+    header = b"" if host is None else b"Host: " + host.encode() + b"\r\n"
+    return raw_request(link, line + header + extra + b"\r\n")
+
+
+def status_code(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1])
+
+
+def test_host_header_must_name_the_dashboard(dcluster):
+    link = dcluster.dashboard_link
+    port = link.rstrip("/").rpartition(":")[2]
+    for path in ("/", "/status.json", "/data.json", "/metrics"):
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example",
+                     "attacker.localhost"):
+            reply = request_with_host(link, host, path)
+            assert status_code(reply) == 403, (path, host, reply[:200])
+            assert dcluster.address.encode() not in reply and b"<canvas" not in reply
+        for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LOCALHOST",
+                     f"[::1]:{port}", None):
+            reply = request_with_host(link, host, path)
+            assert status_code(reply) == 200, (path, host, reply[:200])
+    two_hosts = request_with_host(link, f"127.0.0.1:{port}", extra=b"Host: evil.example\r\n")
+    assert status_code(two_hosts) == 403
+    # What a browser does: urllib sends the Host of the URL it was given.
+    assert get(link + "status.json")[0] == "application/json"
+
+
+def test_dashboard_allowed_host_and_contact_address_are_answered(spawn):
+    center = spawn("center", "--port", "0", "--dashboard-port", "0",
+                   "--contact-address", "head.cluster.example",
+                   "--dashboard-allowed-host", "dash.example",
+                   "--dashboard-allowed-host", "Other.Example", ready="Dashboard at")
+    link = center.lines[-1].split()[-1]
+    port = link.rstrip("/").rpartition(":")[2]
+    for host in ("dash.example", f"dash.example:{port}", "other.example", "head.cluster.example",
+                 f"127.0.0.1:{port}", "localhost"):
+        assert status_code(request_with_host(link, host)) == 200, host
+    for host in ("evil.example", "dash.example.evil.example", "cluster.example"):
+        assert status_code(request_with_host(link, host)) == 403, host
+    assert "refused a request for Host 'evil.example'" in center.log()
+
+
+@pytest.mark.timeout(60)
+def test_slow_requests_neither_keep_pages_out_nor_live_past_the_deadline(dcluster):
+    from minidist.dashboard import MAX_CONNECTIONS, REQUEST_TIMEOUT
+    link = dcluster.dashboard_link
+    address = link.split("//")[1].rstrip("/")
+    slow = SlowTalkers(address, MAX_CONNECTIONS, b"GET / HTTP/1.1\r\n" + b"X-Slow: y\r\n" * 100,
+                       pace=0.5)
+    try:
+        wait_for(lambda: min(slow.sent) >= 2, 10, message="every slow request to begin")
+        # Every slot holds a request that has not arrived: a page load still gets in, at once.
+        for _ in range(3):
+            ctype, body = get(link, timeout=5)
+            assert ctype.startswith("text/html") and "<canvas" in body
+        assert json.loads(get(link + "status.json", timeout=5)[1])["center"] == dcluster.address
+        assert len(slow.closed_at) <= 4  # each page load made room by closing one slow request
+        # However steadily they trickle, the others are cut at the request's deadline.
+        wait_for(lambda: len(slow.closed_at) == MAX_CONNECTIONS, REQUEST_TIMEOUT + 5,
+                 message="the slow requests to be closed")
+    finally:
+        slow.close()
+    lasted = sorted(slow.closed_at[i] - slow.opened for i in range(MAX_CONNECTIONS))
+    assert lasted[4] > REQUEST_TIMEOUT - 1.5 and lasted[-1] < REQUEST_TIMEOUT + 2, lasted
+    assert sorted(slow.sent)[4] >= 15  # the survivors kept talking all along
+
+
+def test_status_json_comes_from_the_snapshot(dcluster, worked):
+    """Many polls, one read of the center: answers within a refresh interval are identical.
+
+    Read per request, as before, every answer differs (each worker's
+    ``last_seen`` is computed at the moment of the read).
+    """
+    link = dcluster.dashboard_link
+    bodies = [get(link + "status.json")[1] for _ in range(8)]
+    assert len(set(bodies)) <= 2, "status.json read the center more than once a second"
+    status = json.loads(bodies[-1])
+    assert status["info"]["workers"] == 2 and status["info"]["tasks"]["memory"] >= 30

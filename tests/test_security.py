@@ -18,6 +18,7 @@ import pytest
 from minidist import AuthenticationError, Client, Executor, LocalCluster, Pool, get, wire
 
 from conftest import wait_for
+from slow_talkers import SlowTalkers
 
 KEY = "security-test-key-" + secrets.token_hex(8)
 
@@ -423,3 +424,90 @@ def test_tls_client_against_plain_center_fails_clearly(spawn, certs):
         Executor(center.address, tls_ca=certs["ca.pem"], tls_cert=certs["node.pem"],
                  tls_key=certs["node.key"], timeout=10)
     assert time.monotonic() - t0 < 3
+
+
+# --------------------------------------------------------------------------- slow talkers
+
+
+def closed_at_once(address: str, timeout: float = 2.0) -> bool:
+    """Dial ``address``, say nothing: does the server close the connection within ``timeout``?"""
+    with socket.create_connection(wire.parse_address(address), timeout=timeout) as sock:
+        try:
+            return sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("target, tls", [("center", False), ("center", True), ("worker", False)])
+def test_slow_handshakes_are_cut_at_the_deadline_and_capped(spawn, certs, target, tls):
+    cap = 6
+    env = {"MINIDIST_AUTH_KEY": KEY, "MINIDIST_MAX_HANDSHAKES": str(cap)}
+    tls_args = ["--tls-cert", certs["node.pem"], "--tls-key", certs["node.key"]] if tls else []
+    client_tls = dict(tls_ca=certs["ca.pem"]) if tls else {}
+    center = spawn("center", "--port", "0", "--host", "127.0.0.1", *tls_args, env=env)
+    address = f"127.0.0.1:{center.address.rpartition(':')[2]}"
+    worker = spawn("worker", address, "--host", "127.0.0.1", *tls_args, env=env)
+    proc, attacked = (center, address) if target == "center" else (worker, worker.address)
+    hello = struct.pack("!8sBB", wire.MAGIC, wire.VERSION, 1)
+    # Over TLS: a record header that announces a 16 KiB handshake record, then its body.
+    payload = (b"\x16\x03\x01\x40\x00" + bytes(1 << 14)) if tls else hello + bytes(64)
+    with Executor(address, auth_key=KEY, **client_tls) as e:
+        assert e.submit(inc, 1).result(timeout=20) == 2
+        slow = SlowTalkers(attacked, cap, payload, pace=0.5)
+        try:
+            # The cap is full: more connections are closed as soon as they are accepted.
+            extra = [closed_at_once(attacked) for _ in range(4)]
+            assert all(extra), extra
+            with pytest.raises(ConnectionError):  # even with the key, while the cap is full
+                wire.connect(attacked, timeout=2, security=wire.Security(KEY, **client_tls))
+            if target == "center":  # a client already connected is served throughout
+                assert list(e.map(inc, range(20))) == list(range(1, 21))
+            # However slowly they talk, the slow ones are cut at the deadline.
+            wait_for(lambda: len(slow.closed_at) == cap, wire.HANDSHAKE_TIMEOUT + 5,
+                     message="the slow connections to be closed")
+            lasted = [slow.closed_at[i] - slow.opened for i in range(cap)]
+            assert max(lasted) < wire.HANDSHAKE_TIMEOUT + 1.5, lasted
+            assert min(lasted) > wire.HANDSHAKE_TIMEOUT - 1, lasted
+            assert min(slow.sent) >= 8, slow.sent  # they kept talking all along
+        finally:
+            slow.close()
+        log = wait_for(lambda: all(f"127.0.0.1:{port}" in proc.log() for port in slow.ports)
+                       and proc.log(), 5, message="a log line per slow connection")
+        for port in slow.ports:
+            assert any(f"127.0.0.1:{port}" in ln and "timed out" in ln
+                       for ln in log.splitlines()), port
+        refusals = [ln for ln in log.splitlines() if "in the handshake already" in ln]
+        assert 1 <= len(refusals) <= 2, refusals  # at most one line a second
+        # With the slots free again, new clients get in, and the cluster computes.
+        with Executor(address, auth_key=KEY, **client_tls) as e2:
+            assert list(e2.map(inc, range(20))) == list(range(1, 21))
+
+
+# --------------------------------------------------------------------------- dssh
+
+
+def test_dssh_passes_a_host_named_like_an_option_as_a_host(tmp_path):
+    """The ssh command dssh runs has ``--`` before the host, so ``-oProxyCommand=...`` is a name.
+
+    The ``ssh`` first on PATH here writes down its arguments and fails, as
+    an unreachable host would; dssh then stops on its own.
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    argv_file = tmp_path / "argv"
+    (bin_dir / "ssh").write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" > {argv_file}\nexit 255\n')
+    (bin_dir / "ssh").chmod(0o755)
+    proof = tmp_path / "proxy-ran"
+    host = f"-oProxyCommand=touch {proof}"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MINIDIST_AUTH_KEY": KEY}
+    run = subprocess.run([sys.executable, "-m", "minidist.ssh", "--timeout", "10",
+                          "--ssh-option", "ConnectTimeout=5", "--", host],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr
+    argv = argv_file.read_bytes().split(b"\0")[:-1]
+    assert b"--" in argv and argv[argv.index(b"--") + 1] == host.encode(), argv
+    assert argv.index(host.encode()) == argv.index(b"--") + 1  # not among the options before
+    assert not proof.exists()
