@@ -79,7 +79,7 @@ MAX_FRAMES = 1 << 16
 HANDSHAKE_TIMEOUT = 5.0
 """Seconds a server gives a new connection to finish the whole handshake (TLS included)."""
 MAX_HANDSHAKES = int(os.environ.get("MINIDIST_MAX_HANDSHAKES", 256))
-"""Connections a server lets be in the handshake at once; more are closed at once."""
+"""Connections a server lets be in the handshake at once; past it the oldest is closed."""
 REFUSAL_LOG_INTERVAL = 1.0
 
 _WRITABLE = 1 << 63   # length flag: the receiver must be able to write this frame
@@ -1064,13 +1064,11 @@ class _TCPServer(socketserver.ThreadingTCPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """A thread for the new connection, unless too many are still in the handshake."""
-        if not self.owner._admit():
-            self.shutdown_request(request)
-            return
+        self.owner._admit(request)
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.owner._handshake_over()
+            self.owner._handshake_over(request)
             raise
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -1098,9 +1096,10 @@ class Server:
     Before authentication a peer gets little: ``handshake_timeout`` seconds
     for the whole handshake (TLS included), however it paces its bytes, and
     at most ``max_handshakes`` connections may be in the handshake at once.
-    Past that, new connections are closed as soon as they are accepted,
-    with a log line at most once a second; connections that have passed
-    the handshake are served as before.
+    Past that, the connection that has been in the handshake longest is
+    closed to make room (a log line at most once a second): a peer with the
+    key needs milliseconds, so it gets through while slow talkers are shed;
+    connections that have passed the handshake are served as before.
     """
 
     def __init__(self, handlers: dict[str, Callable[..., Any]], *,
@@ -1112,8 +1111,11 @@ class Server:
         self.name = name
         self.handshake_timeout = handshake_timeout
         self.max_handshakes = max_handshakes
-        self._handshakes = 0        # connections accepted and not yet through the handshake
-        self._refused = 0           # refused since the last log line about it
+        # Connections accepted and not yet through the handshake, oldest first: each one's
+        # socket -> a duplicate of it, through which it is shut down if it must make room.
+        self._handshakes: dict[socket.socket, socket.socket] = {}
+        self._refused = 0           # shed since the last log line about it
+        self._shed: set[socket.socket] = set()  # shed, their threads not yet out
         self._refusal_logged = float("-inf")
         self._admit_lock = threading.Lock()
         self._tcp: _TCPServer | None = None
@@ -1171,37 +1173,57 @@ class Server:
         assert self._tcp is not None, "listen() first"
         return self._tcp.server_address[1]
 
-    def _admit(self) -> bool:
-        """Count a new connection into the handshake, or say no when that is full."""
+    def _admit(self, sock: socket.socket) -> None:
+        """Count a new connection into the handshake; when that is full, shed the oldest."""
+        try:
+            handle = sock.dup()  # stays usable after TLS takes over ``sock``
+        except OSError:
+            handle = None
+        shed: list[socket.socket] = []
         with self._admit_lock:
-            if self._handshakes < self.max_handshakes:
-                self._handshakes += 1
-                return True
-            self._refused += 1
-            now = time.monotonic()
-            if now - self._refusal_logged < REFUSAL_LOG_INTERVAL:
-                return False
-            self._refusal_logged, refused, self._refused = now, self._refused, 0
-        logger.warning("%s: closed %d new connection(s) at once: %d are in the handshake "
-                       "already (the most allowed)", self.name, refused, self.max_handshakes)
-        return False
+            while len(self._handshakes) >= self.max_handshakes:
+                oldest = next(iter(self._handshakes))
+                shed.append(self._handshakes.pop(oldest))
+                self._shed.add(oldest)
+            if handle is not None:
+                self._handshakes[sock] = handle
+            if shed:
+                self._refused += len(shed)
+                now = time.monotonic()
+                log = now - self._refusal_logged >= REFUSAL_LOG_INTERVAL
+                if log:
+                    self._refusal_logged, refused, self._refused = now, self._refused, 0
+        for old in shed:
+            try:
+                old.shutdown(socket.SHUT_RDWR)  # its thread's read fails at once
+            except OSError:
+                pass
+            old.close()
+        if shed and log:
+            logger.warning("%s: closed %d connection(s) still in the handshake to make room "
+                           "(at most %d at once)", self.name, refused, self.max_handshakes)
 
-    def _handshake_over(self) -> None:
+    def _handshake_over(self, sock: socket.socket) -> None:
         with self._admit_lock:
-            self._handshakes -= 1
+            handle = self._handshakes.pop(sock, None)
+            self._shed.discard(sock)
+        if handle is not None:
+            handle.close()
 
     def _serve_connection(self, sock: socket.socket, client_address: Any) -> None:
         peer = format_address(*client_address[:2])
+        accepted = sock
         try:
             sock = self._handshake(sock, peer)
         finally:
-            self._handshake_over()
+            self._handshake_over(accepted)
         if sock is not None:
             self._serve_authenticated(sock, peer)
 
     def _handshake(self, sock: socket.socket, peer: str) -> socket.socket | None:
         """TLS and the auth handshake within ``handshake_timeout``: the socket, or None."""
         deadline = time.monotonic() + self.handshake_timeout
+        accepted = sock
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.handshake_timeout)  # bounds the TLS handshake as a whole
@@ -1209,8 +1231,11 @@ class Server:
                 sock = self.security.server_ssl.wrap_socket(sock, server_side=True)
             deliver_challenge(sock, self.security.auth_key, deadline)
         except (OSError, ValueError) as e:
-            logger.warning("%s: dropped connection from %s: handshake failed: %s",
-                           self.name, peer, e)
+            if accepted in self._shed:  # logged with the others shed, once a second at most
+                logger.debug("%s: shed connection from %s: %s", self.name, peer, e)
+            else:
+                logger.warning("%s: dropped connection from %s: handshake failed: %s",
+                               self.name, peer, e)
             sock.close()
             return None
         sock.settimeout(None)
