@@ -114,6 +114,7 @@ class Child:
         self.ready_lines: list[str] = []
         self.ready = False  # the current process has registered
         self.restarts = 0
+        self.directories: list[str] = []  # the current process's local directories
         self.crashes = 0  # deaths in a row, each soon after starting
         self.started_at = 0.0
         self.keep = True  # False once stopped on request: never restarted again
@@ -285,6 +286,7 @@ class Nanny:
     def _supervise(self, child: Child) -> None:
         while True:
             self._watch(child)
+            _remove_directories(child)
             delay = self._after_exit(child)
             if delay is None:
                 return self._end(child)
@@ -344,6 +346,9 @@ class Nanny:
             line = raw.decode(errors="replace")
             if line == "stopping":
                 child._stopping = True
+                continue
+            if line.startswith("directory "):
+                child.directories.append(line[len("directory "):])
                 continue
             child.ready_lines.append(line)
             if line.startswith("Start worker at:"):
@@ -424,6 +429,19 @@ class Nanny:
                 self.on_gone(child, requested)
             except Exception:
                 logger.exception("on_gone failed")
+
+
+def _remove_directories(child: Child) -> None:
+    """Remove the local directories of a worker process that has exited (a worker
+    that stops cleanly has removed them already; a killed one could not)."""
+    from .memory import remove_dead_worker_directory
+    for path in child.directories:
+        try:
+            if remove_dead_worker_directory(path):
+                logger.info("removed the local directory %s of worker pid %d", path, child.pid)
+        except Exception:
+            logger.exception("cannot remove the local directory %s", path)
+    child.directories = []
 
 
 def _signal(popen: subprocess.Popen, sig: int) -> None:

@@ -61,12 +61,12 @@ import threading
 import time
 from concurrent.futures import Future as _Future
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from . import wire
-from .cli import add_common_args, run_until_signalled, start_process
-from .memory import (MemoryManager, SpillBuffer, SpillError, make_local_directory,
-                     parse_memory_limit, remove_local_directory, sizeof, tune_allocator)
+from .cli import add_common_args, run_until_signalled, start_process, tell_status
+from .memory import (LocalDirectory, MemoryManager, SpillBuffer, SpillError,
+                     make_local_directory, parse_memory_limit, sizeof, tune_allocator)
 from .task import RunSpec, pack_exception, run
 from .wire import BatchedSender, Connection, ConnectionPool, Security
 
@@ -130,7 +130,8 @@ class Worker:
         self.address = ""
         self.memory_limit = memory_limit or None
         self.local_directory_parent = local_directory
-        self.local_directory = ""  # made by start(), removed by stop()
+        self.local_directory: LocalDirectory | None = None  # made by start(), removed by stop()
+        self.on_local_directory: Callable[[str], None] | None = None  # told each path it uses
         self.data = SpillBuffer()
         self.nbytes: dict[Any, int] = {}
         self.executed = 0
@@ -174,18 +175,12 @@ class Worker:
         """Serve on ``host:port``, register with the center and start the task threads."""
         wire.warn_if_exposed(host, self.security, "worker")
         self._bind_host = host
-        try:
-            self.local_directory = self.data.directory = \
-                make_local_directory(self.local_directory_parent)
-        except OSError as e:
-            raise OSError(e.errno, f"cannot create a local directory in "
-                          f"{self.local_directory_parent or 'the temporary directory'}: "
-                          f"{e.strerror or e}") from e
+        self.make_local_directory()
         tune_allocator()
         try:
             self.server.listen(host, port)
         except OSError:
-            remove_local_directory(self.local_directory)
+            self.local_directory.remove()
             raise
         self.memory.start()
         for i in range(self.nthreads):
@@ -221,9 +216,27 @@ class Worker:
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self._peers.close()
         self.memory.stop()
-        if self.local_directory:
+        if self.local_directory is not None:
             self.data.clear_files()
-            remove_local_directory(self.local_directory)
+            self.local_directory.remove()
+
+    def make_local_directory(self) -> str:
+        """Make the worker's private spill directory (``start`` does, if not done); its path.
+
+        Stale directories of dead workers in the same place are removed first.
+        """
+        if self.local_directory is None:
+            try:
+                directory = make_local_directory(self.local_directory_parent)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot create a local directory in "
+                              f"{self.local_directory_parent or 'the temporary directory'}: "
+                              f"{e.strerror or e}") from e
+            directory.on_renew = self.on_local_directory
+            self.local_directory = self.data.directory = directory
+            if self.on_local_directory is not None:
+                self.on_local_directory(directory.path)
+        return self.local_directory.path
 
     # ------------------------------------------------------------------ center stream
 
@@ -642,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
                     death_timeout=args.death_timeout,
                     memory_limit=args.memory_limit_bytes,
                     local_directory=args.local_directory)
+    if args.ready_fd is not None:  # the nanny removes the directory if the worker dies
+        worker.on_local_directory = lambda path: tell_status(args.ready_fd, f"directory {path}")
     try:
         address = worker.start(host, args.port,
                                timeout=args.death_timeout or float("inf"))

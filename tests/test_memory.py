@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -21,7 +22,8 @@ import gates
 import minidist
 from conftest import wait_for
 from minidist import Executor, KilledWorker, LocalCluster
-from minidist.memory import SpillBuffer, parse_memory_limit, process_rss, sizeof
+from minidist.memory import (LocalDirectory, SpillBuffer, parse_memory_limit, process_rss,
+                             sizeof)
 
 MB = 10**6
 CHUNK = 10 << 20  # bytes of one array
@@ -129,26 +131,33 @@ def test_sizeof_and_its_extension():
 
 
 def test_spill_buffer_round_trip(tmp_path):
-    buf = SpillBuffer(str(tmp_path), target=25 * MB)
+    directory = LocalDirectory(str(tmp_path))
+
+    def files() -> list[str]:
+        return sorted(n for n in os.listdir(directory.path) if n.endswith(".spill"))
+
+    buf = SpillBuffer(directory, target=25 * MB)
     arrays = {i: np.full(1 << 20, i, dtype=np.float64) for i in range(4)}  # 8 MiB each
     for key, value in arrays.items():
         buf.put(key, value, value.nbytes)
     assert buf.managed == 4 * 8 * 2**20
     assert buf.spill_one() == 8 * 2**20  # the least recently used: key 0
     assert 0 not in buf.fast and 0 in buf.slow and 0 in buf and len(buf) == 4
-    assert len(os.listdir(tmp_path)) == 1
+    assert len(files()) == 1
     in_memory, frames = buf.serialized(0)  # what get_data sends: the file's frames
     assert not in_memory and minidist.wire.deserialize(frames)[5] == 0
     back = buf[0]  # read back into memory; the file stays for the next eviction
     assert back.flags.writeable and (back == 0).all()
-    assert 0 in buf.fast and buf.spilled == 0 and len(os.listdir(tmp_path)) == 1
+    assert 0 in buf.fast and buf.spilled == 0 and len(files()) == 1
     assert buf.spill_one() == 8 * 2**20 and buf.spill_count == 1  # key 0 again: no write
     assert buf.spill_one() == 8 * 2**20 and buf.spill_count == 2  # key 1: written
-    assert sorted(buf.slow) == [0, 1] and len(os.listdir(tmp_path)) == 2
+    assert sorted(buf.slow) == [0, 1] and len(files()) == 2
     buf.put(0, np.zeros(4), 32)  # a new value replaces the file
     del buf[1]  # spilled or not, a delete removes it
     buf.discard(2)
-    assert sorted(buf, key=str) == [0, 3] and os.listdir(tmp_path) == []
+    assert sorted(buf, key=str) == [0, 3] and files() == []
+    directory.remove()
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------------- with processes
@@ -298,44 +307,47 @@ def test_pause_does_not_flap_and_a_stuck_worker_resumes(tmp_path, capfd):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("damage", ["vanished", "not a directory"])
-def test_unwritable_spill_directory_errs_clearly_and_loses_nothing(tmp_path, damage, capfd):
-    """A spill directory removed under the worker is made again at the next spill; a path
-    that is not a directory makes spilling err clearly, and keeps every key in memory."""
+@pytest.mark.parametrize("damage", ["vanished", "a symlink", "a file"])
+def test_spill_directory_removed_under_the_worker_is_never_trusted_again(tmp_path, damage,
+                                                                          capfd):
+    """The worker's directory removed under it, and the path left empty, or made a link to
+    someone else's directory, or a file: the worker spills into a fresh private directory
+    of its own at its next spill, never through the path, and loses nothing it holds."""
     limit = 500 * MB  # spill above 300 MB managed; pause above 400 MB of RSS
     parent = tmp_path / "spill"
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for i in range(100):  # where a worker writing through a link would overwrite
+        (victim / f"{i}.spill").write_bytes(b"precious")
     with LocalCluster(1, memory_limit=limit, local_directory=str(parent)) as cluster, \
             Executor(cluster) as e:
         (directory,) = parent.iterdir()  # each worker makes a fresh directory in it
         assert directory.name.startswith("minidist-worker-")
         shutil.rmtree(directory)
-        if damage == "not a directory":
+        if damage == "a symlink":
+            directory.symlink_to(victim)
+        elif damage == "a file":
             directory.write_bytes(b"")
         futures = [e.submit(make, i) for i in range(32)]  # 320 MiB: over the target
         concurrent.futures.wait(futures, timeout=30)
-        if damage == "vanished":
-            (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spilled"]],
-                                  message="spilling goes on").__iter__()
-            assert figures["spill_error"] is None
-            assert directory.is_dir() and directory.stat().st_mode & 0o777 == 0o700
-            assert len(list(directory.iterdir())) > 0
-        else:
-            (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spill_error"]
-                                           and w["managed"] >= 32 * CHUNK],
-                                  message="the spill error is reported").__iter__()
-            assert str(directory) in figures["spill_error"]
-            assert "Not a directory" in figures["spill_error"]
-            assert figures["spilled"] == 0
+        (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spilled"]],
+                              message="spilling goes on").__iter__()
+        assert figures["spill_error"] is None
+        (fresh,) = [p for p in parent.iterdir() if p != directory]
+        assert fresh.name.startswith("minidist-worker-") and not fresh.is_symlink()
+        st = fresh.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+        assert len(list(fresh.glob("*.spill"))) > 0
         checks = e.gather([e.submit(check, f) for f in futures])
         assert [c[0] for c in checks] == [float(i) for i in range(32)]  # nothing lost
         assert first_values(*e.gather(futures[:3])) == [0.0, 1.0, 2.0]
         assert cluster.workers[0].restarts == 0
     log = capfd.readouterr().err
-    if damage == "vanished":
-        assert log.count(f"spill directory {directory} vanished") == 1, log
-        assert list(parent.iterdir()) == []  # removed when the worker stopped
-    else:
-        assert f"cannot spill to {directory}" in log
+    assert log.count(f"spill directory {directory} vanished") == 1, log
+    assert sorted(p.name for p in victim.iterdir()) == sorted(f"{i}.spill" for i in range(100))
+    assert all(p.read_bytes() == b"precious" for p in victim.iterdir())
+    assert [p.name for p in parent.iterdir()] == ([directory.name] if damage != "vanished"
+                                                  else [])  # the fresh one removed at stop
 
 
 def spill_files(parent) -> list:
