@@ -22,8 +22,7 @@ import gates
 import minidist
 from conftest import wait_for
 from minidist import Executor, KilledWorker, LocalCluster
-from minidist.memory import (LocalDirectory, SpillBuffer, parse_memory_limit, process_rss,
-                             sizeof)
+from minidist.memory import SpillBuffer, parse_memory_limit, process_rss, sizeof
 
 MB = 10**6
 CHUNK = 10 << 20  # bytes of one array
@@ -131,6 +130,7 @@ def test_sizeof_and_its_extension():
 
 
 def test_spill_buffer_round_trip(tmp_path):
+    from minidist.memory import LocalDirectory
     directory = LocalDirectory(str(tmp_path))
 
     def files() -> list[str]:
@@ -493,3 +493,172 @@ def test_scheduler_sends_a_paused_worker_nothing_until_it_resumes():
                                        info["memory_unmanaged"]) == (1, 2, 3)
     out = sched.worker_msgs(0.4, "A", "a:1", memory(False))
     assert len(computes(out, "A")) == 1
+
+
+# ---------------------------------------------------------------------- values come back as themselves
+
+
+class Wrapped:
+    """A user class that pickles itself with ``__reduce__``."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def __reduce__(self):
+        return Wrapped, (self.payload,)
+
+
+def value_of(kind: str):
+    """A value of about 1 MB of each kind (large enough to travel out of band)."""
+    n = 1 << 20
+    if kind == "bytes":
+        return b"abc" + bytes(n)
+    if kind == "bytearray":
+        return bytearray(b"abc" + bytes(n))
+    if kind == "str":
+        return "abc" + "x" * n
+    if kind == "memoryview":
+        return memoryview(bytearray(n)).cast("i", (256, n // 1024))
+    if kind == "memoryview-readonly":
+        return memoryview(b"abc" + bytes(n))
+    if kind == "numpy":
+        return np.arange(n // 8, dtype=np.int32).reshape(64, -1)
+    if kind == "numpy-readonly":
+        a = np.arange(n // 8, dtype=np.float32)
+        a.setflags(write=False)
+        return a
+    if kind == "pandas":
+        import pandas as pd
+        return pd.DataFrame({"i": np.arange(n // 16), "s": ["abc"] * (n // 16)})
+    if kind == "user":
+        return Wrapped(b"abc" + bytes(n))
+    raise ValueError(kind)
+
+
+KINDS = ["bytes", "bytearray", "str", "memoryview", "memoryview-readonly", "numpy",
+         "numpy-readonly", "pandas", "user"]
+
+
+def describe(value) -> tuple:
+    """What a value is: its type, whether it can be written, and what using it gives."""
+    kind = type(value).__name__
+    if isinstance(value, bytes):
+        return kind, value[:3] + b"!", len(value)
+    if isinstance(value, bytearray):
+        value[:1] = value[:1]  # mutable, as it was
+        return kind, bytes(value[:3]), len(value)
+    if isinstance(value, str):
+        return kind, value[:3] + "!", len(value)
+    if isinstance(value, memoryview):
+        return kind, value.readonly, value.format, value.shape
+    if isinstance(value, np.ndarray):
+        return kind, value.dtype.str, value.shape, value.flags.writeable, float(value.sum())
+    if isinstance(value, Wrapped):
+        return kind, type(value.payload).__name__, value.payload[:3] + b"!"
+    if type(value).__name__ == "DataFrame":
+        return kind, tuple(map(str, value.dtypes)), value.shape, int(value["i"].sum())
+    return (kind,)
+
+
+@pytest.mark.timeout(90)
+def test_a_spilled_value_comes_back_as_itself(tmp_path):
+    """Each kind of value, spilled, comes back with its type and mutability: in a task on
+    its worker, gathered by the client, and fetched by a peer; so does one that never
+    left memory."""
+    pytest.importorskip("pandas")
+    limit = 200 * MB  # spill above 120 MB managed
+    expected = [describe(value_of(kind)) for kind in KINDS]
+    with LocalCluster(2, memory_limit=limit, local_directory=str(tmp_path)) as cluster, \
+            Executor(cluster) as e:
+        a, b = [w.address for w in cluster.workers]
+        values = [e.submit(value_of, kind, workers=[a]) for kind in KINDS]
+        assert [describe(v) for v in e.gather(values)] == expected  # from memory
+        fillers = [e.submit(make, i, workers=[a]) for i in range(16)]  # 168 MB, newer
+        concurrent.futures.wait(fillers, timeout=30)
+        wait_for(lambda: e.memory()[a]["spilled"] >= 12 * MB + CHUNK,  # some fillers too
+                 message="the values spilled (the least recently used)")
+        on_disk = spill_files(tmp_path)
+        assert len(on_disk) >= len(KINDS)
+        assert [describe(v) for v in e.gather(values)] == expected  # the files, as they are
+        fetched = e.gather([e.submit(describe, v, workers=[b]) for v in values])
+        assert fetched == expected  # a peer's fetch of the files
+        used = e.gather([e.submit(describe, v, workers=[a]) for v in values])
+        assert used == expected  # read back into the worker that spilled them
+        for path in on_disk:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+# ---------------------------------------------------------------------- a shared machine
+
+
+def planted_spill_file(size: int, marker: str) -> bytes:
+    """A file in the spill format of exactly ``size`` bytes whose pickle, if loaded,
+    creates ``marker`` (what another local user could plant to run code as the worker)."""
+    import pickle
+    import struct
+
+    class Payload:
+        def __reduce__(self):
+            return open, (marker, "w")
+    header = pickle.dumps(Payload(), protocol=5)
+    padding = size - 8 - 16 - len(header)
+    assert padding >= 0
+    return struct.pack("!Q", 2) + struct.pack("!2Q", len(header), padding) + header + \
+        bytes(padding)
+
+
+@pytest.mark.timeout(90)
+def test_a_planted_spill_file_is_never_unpickled(tmp_path):
+    """Spill files replaced by planted pickles of the very same size: neither the worker
+    nor the client loads them; the keys are lost, recomputed, and the cluster serves on."""
+    limit = 200 * MB
+    marker = str(tmp_path / "pwned")
+    spill = tmp_path / "spill"
+    with LocalCluster(1, memory_limit=limit, local_directory=str(spill)) as cluster, \
+            Executor(cluster) as e:
+        pid = cluster.workers[0].pid
+        futures = [e.submit(make, i) for i in range(24)]  # 250 MB
+        concurrent.futures.wait(futures, timeout=30)
+        wait_for(lambda: sum(w["spilled"] for w in e.memory().values()) >= 10 * CHUNK,
+                 message="results spilled")
+        files = spill_files(spill)
+        assert len(files) >= 10
+        for path in files:
+            planted = path.with_name("planted")
+            planted.write_bytes(planted_spill_file(path.stat().st_size, marker))
+            os.replace(planted, path)  # same name, same size: another file
+        half = len(files) // 2
+        assert first_values(*e.gather(futures[:half])) == [float(i) for i in range(half)]
+        checks = e.gather([e.submit(check, f) for f in futures])  # the tasks read them
+        assert checks == [(float(i), float(i) * (CHUNK // 8)) for i in range(24)]
+        assert not os.path.exists(marker)
+        assert cluster.workers[0].restarts == 0 and cluster.workers[0].pid == pid
+        assert e.submit(inc, 1).result(30) == 2
+    assert not os.path.exists(marker)
+
+
+def test_a_directory_others_can_enter_or_not_ours_is_refused(tmp_path):
+    from minidist.memory import LocalDirectory, check_private
+    directory = LocalDirectory(str(tmp_path))
+    try:
+        st = os.stat(directory.path)
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+        check_private(st, directory.path)  # ours: fine
+        assert len(os.path.basename(directory.path)) >= len("minidist-worker-1-") + 16
+    finally:
+        directory.remove()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(PermissionError, match="0777"):
+        check_private(os.stat(shared), str(shared))
+    shared.chmod(0o750)
+    with pytest.raises(PermissionError, match="0750"):
+        check_private(os.stat(shared), str(shared))
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    shared.chmod(0o700)
+    os.chown(shared, 65534, 65534)
+    with pytest.raises(PermissionError, match="uid 65534"):
+        check_private(os.stat(shared), str(shared))
