@@ -188,16 +188,21 @@ class Worker:
                              daemon=True).start()
         threading.Thread(target=self._center_loop, name="center-stream", daemon=True).start()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        try:
+            self._wait_registered(timeout)
+        except BaseException:  # a signal while registering too: leave no directory behind
+            self.stop()
+            raise
+        return self.address
+
+    def _wait_registered(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not self._registered.wait(0.05):
             if self._fatal is not None:
-                self.stop()
                 raise self._fatal
             if time.monotonic() > deadline:
-                self.stop()
                 raise TimeoutError(f"could not register with center {self.center_address} "
                                    f"within {timeout}s")
-        return self.address
 
     def stop(self) -> None:
         """Tell the center we leave, then close everything."""
