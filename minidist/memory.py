@@ -25,22 +25,36 @@ The data flow of one key::
   task thread --put(key, value, nbytes)--> fast (dict, LRU order)
       over the target: the task thread spills before its next task (the producer pays),
       and the spill thread is woken for data that arrived otherwise (peers, scatter)
-  spilling: pick LRU key -> serialize (protocol 5, buffers out of band) -> write file
+  spilling: pick LRU key -> serialize (protocol 5, buffers out of band) -> write a new file
+            (0600, O_EXCL, each frame flagged bytes / bytearray / writable memory)
             -> under the lock, if the key still holds that value: move it to slow
   task thread --data[key]--> fast? value : read file -> unpickle -> back into fast
   get_data    --serialized(key)--> fast? value : the file's frames as they are (no unpickling),
               spilled keys worth at most READ_BUDGET of the limit per reply, the rest "later"
-  a file gone or damaged (its size is checked, it must unpickle): SpillError naming the key;
+  reading a file: it must be the very file written (device, inode, size) before a byte of it
+              is used; each frame comes back as it was, so a value comes back as itself
+              (bytes as bytes, a bytearray as a bytearray, arrays writable or not as they were)
+  a file gone, replaced or damaged: SpillError naming the key, nothing unpickled;
               the worker drops the key and reports it lost (``lost_data``) to the center
 
 The lock guards only the two dicts; every read, write and (un)pickling
 happens outside it, so spilling never blocks another thread's access to
 other keys (nor to the key being spilled: it stays in ``fast`` until its
-file is complete).  A spill directory that vanished (someone emptied
-tmp) is made again, once logged.  A key whose file cannot be written
+file is complete).  A key whose file cannot be written
 (disk full, the path not a directory) stays in memory; the error is
 logged, kept in ``error`` and reported to the center, and spilling is
 retried after a pause.
+
+The files live in a ``LocalDirectory``: a directory of the worker's own,
+made private (0700, an unpredictable name) inside ``--local-directory``
+and held open, every file operation relative to it, so nobody else can
+read a spilled value, plant a file for the worker to unpickle, or point
+the worker's writes elsewhere with a link.  If it is deleted (someone
+emptied tmp), the next spill makes a fresh one (once logged; keys spilled
+there are lost), never trusting whatever now sits at the old path.  The
+worker holds a lock on a file inside while it lives; a directory whose
+lock is free belongs to a dead worker, and the next worker to start in the
+same place removes it (and a nanny removes its dead worker's at once).
 
 Sizes come from ``sizeof``, a ``functools.singledispatch`` function users
 extend with ``minidist.sizeof.register(MyType)(fn)``.  The worker reports

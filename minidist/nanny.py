@@ -9,7 +9,8 @@ nannies in the client's process), so a cluster costs no extra process::
     Nanny ── slot thread 0 ── python -m minidist.worker ADDR --no-nanny --ready-fd 5 ...
           └─ slot thread 1 ── python -m minidist.worker ...      (one thread per worker)
 
-  child --status pipe (--ready-fd)--> slot thread: the ready lines, then "stopping"
+  child --status pipe (--ready-fd)--> slot thread: "directory PATH" (its local directory),
+                                      the ready lines, then "stopping"
   nanny --stdin pipe----------------> child: EOF (the nanny is gone) stops the worker
   child stdout/stderr: inherited (dworker: the worker prints to the nanny's terminal),
                        or pipes drained by forwarder threads into this process's
@@ -20,7 +21,9 @@ status pipe, waits for it to exit (a pidfd wakes it at once) and every
 ``POLICY_INTERVAL`` asks the nanny's policies whether the running worker
 must be restarted (``memory.terminate_policy``: its RSS passed 95% of its
 memory limit; it is killed with SIGKILL, so the death counts against the
-task it was running).  When the process ends:
+task it was running).  When the process ends, the slot thread removes its
+local directories (a worker that stopped cleanly removed them itself, a
+killed one could not: ``memory.remove_dead_worker_directory``), then:
 
 - the nanny is closing, or the slot was stopped (``Nanny.stop``): the slot ends;
 - a policy asked for the restart: it restarts at once;

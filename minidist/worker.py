@@ -629,8 +629,9 @@ def main(argv: list[str] | None = None) -> int:
                              "'none'; spill at 60%%, pause at 80%% (resume below 75%%), "
                              "restart at 95%% (default auto)")
     parser.add_argument("--local-directory", default=None, metavar="DIR",
-                        help="where spilled data goes: a fresh directory inside DIR, removed "
-                             "when the worker stops (default: the temporary directory)")
+                        help="where spilled data goes: a fresh private directory inside DIR, "
+                             "removed when the worker stops (default: the temporary "
+                             "directory)")
     parser.add_argument("--no-nanny", action="store_true",
                         help="run the worker in this process, without a nanny to restart it")
     parser.add_argument("--ready-fd", type=int, default=None,
