@@ -41,7 +41,7 @@ The lock guards only the two dicts; every read, write and (un)pickling
 happens outside it, so spilling never blocks another thread's access to
 other keys (nor to the key being spilled: it stays in ``fast`` until its
 file is complete).  A key whose file cannot be written
-(disk full, the path not a directory) stays in memory; the error is
+(disk full, no fresh directory can be made) stays in memory; the error is
 logged, kept in ``error`` and reported to the center, and spilling is
 retried after a pause.
 
@@ -354,7 +354,7 @@ _WRITABLE = 1 << 63   # length flag: the frame was writable memory (a numpy arra
 _BYTEARRAY = 1 << 62  # length flag: and a bytearray's, so it comes back as one
 _FLAGS = _WRITABLE | _BYTEARRAY
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO never blocks
 
 
 class _Spilled:
@@ -1221,7 +1221,7 @@ def _remove_if_stale(parent_fd: int, name: str) -> bool:
 def _take_lock(dir_fd: int) -> int | None:
     """The directory's lock, taken: its fd; -1 if it has no lock file; None if held."""
     try:
-        lock_fd = os.open(LOCK_NAME, _OPEN | os.O_NONBLOCK, dir_fd=dir_fd)
+        lock_fd = os.open(LOCK_NAME, _OPEN, dir_fd=dir_fd)
     except FileNotFoundError:
         return -1
     except OSError:  # not a regular file we can open: leave the directory alone
