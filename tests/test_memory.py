@@ -495,7 +495,7 @@ def test_scheduler_sends_a_paused_worker_nothing_until_it_resumes():
     assert len(computes(out, "A")) == 1
 
 
-# ---------------------------------------------------------------------- values come back as themselves
+# ---------------------------------------------------------------- values come back as themselves
 
 
 class Wrapped:
