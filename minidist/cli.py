@@ -228,6 +228,11 @@ def run_until_signalled(stop: Callable[[], None], exit_on_stdin_close: bool,
     stop()
 
 
+def tell_status(fd: int, line: str) -> None:
+    """Write one line to the nanny's status pipe (``--ready-fd``); a nanny gone is no error."""
+    _tell(fd, f"{line}\n")
+
+
 def _tell(fd: int, text: str) -> None:
     """Write ``text`` to the nanny's status pipe; a nanny that is gone is no error."""
     try:

@@ -25,22 +25,36 @@ The data flow of one key::
   task thread --put(key, value, nbytes)--> fast (dict, LRU order)
       over the target: the task thread spills before its next task (the producer pays),
       and the spill thread is woken for data that arrived otherwise (peers, scatter)
-  spilling: pick LRU key -> serialize (protocol 5, buffers out of band) -> write file
+  spilling: pick LRU key -> serialize (protocol 5, buffers out of band) -> write a new file
+            (0600, O_EXCL, each frame flagged bytes / bytearray / writable memory)
             -> under the lock, if the key still holds that value: move it to slow
   task thread --data[key]--> fast? value : read file -> unpickle -> back into fast
   get_data    --serialized(key)--> fast? value : the file's frames as they are (no unpickling),
               spilled keys worth at most READ_BUDGET of the limit per reply, the rest "later"
-  a file gone or damaged (its size is checked, it must unpickle): SpillError naming the key;
+  reading a file: it must be the very file written (device, inode, size) before a byte of it
+              is used; each frame comes back as it was, so a value comes back as itself
+              (bytes as bytes, a bytearray as a bytearray, arrays writable or not as they were)
+  a file gone, replaced or damaged: SpillError naming the key, nothing unpickled;
               the worker drops the key and reports it lost (``lost_data``) to the center
 
 The lock guards only the two dicts; every read, write and (un)pickling
 happens outside it, so spilling never blocks another thread's access to
 other keys (nor to the key being spilled: it stays in ``fast`` until its
-file is complete).  A spill directory that vanished (someone emptied
-tmp) is made again, once logged.  A key whose file cannot be written
-(disk full, the path not a directory) stays in memory; the error is
+file is complete).  A key whose file cannot be written
+(disk full, no fresh directory can be made) stays in memory; the error is
 logged, kept in ``error`` and reported to the center, and spilling is
 retried after a pause.
+
+The files live in a ``LocalDirectory``: a directory of the worker's own,
+made private (0700, an unpredictable name) inside ``--local-directory``
+and held open, every file operation relative to it, so nobody else can
+read a spilled value, plant a file for the worker to unpickle, or point
+the worker's writes elsewhere with a link.  If it is deleted (someone
+emptied tmp), the next spill makes a fresh one (once logged; keys spilled
+there are lost), never trusting whatever now sits at the old path.  The
+worker holds a lock on a file inside while it lives; a directory whose
+lock is free belongs to a dead worker, and the next worker to start in the
+same place removes it (and a nanny removes its dead worker's at once).
 
 Sizes come from ``sizeof``, a ``functools.singledispatch`` function users
 extend with ``minidist.sizeof.register(MyType)(fn)``.  The worker reports
@@ -57,13 +71,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import fcntl
 import functools
 import itertools
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
+import stat
 import struct
 import sys
 import tempfile
@@ -332,15 +350,23 @@ def trim_memory() -> bool:
 
 
 _COUNT = struct.Struct("!Q")
+_WRITABLE = 1 << 63   # length flag: the frame was writable memory (a numpy array's)
+_BYTEARRAY = 1 << 62  # length flag: and a bytearray's, so it comes back as one
+_FLAGS = _WRITABLE | _BYTEARRAY
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO never blocks
 
 
 class _Spilled:
-    """A key on disk: its file and the size it had in memory."""
+    """A key on disk: its file (a name in a directory held open), the size it had in
+    memory, and what the file was when written (bytes, device and inode)."""
 
-    __slots__ = ("path", "nbytes", "disk_bytes")
+    __slots__ = ("dir_fd", "name", "nbytes", "disk_bytes", "dev", "ino")
 
-    def __init__(self, path: str, nbytes: int, disk_bytes: int) -> None:
-        self.path, self.nbytes, self.disk_bytes = path, nbytes, disk_bytes
+    def __init__(self, dir_fd: int, name: str, nbytes: int, disk_bytes: int, dev: int,
+                 ino: int) -> None:
+        self.dir_fd, self.name, self.nbytes = dir_fd, name, nbytes
+        self.disk_bytes, self.dev, self.ino = disk_bytes, dev, ino
 
 
 class SpillError(OSError):
@@ -354,46 +380,80 @@ class SpillError(OSError):
         self.key = key
 
 
-def _write_frames(path: str, value: wire.Serialized) -> int:
-    """Write a serialized value's frames to ``path`` without copying them; bytes written."""
+def _frame_flags(view: memoryview) -> int:
+    """The flags that bring a frame back as what it was: bytes, bytearray or writable memory."""
+    if view.readonly:
+        return 0
+    return _WRITABLE | (_BYTEARRAY if wire._exporter(view) is bytearray else 0)
+
+
+def _write_frames(dir_fd: int, name: str, value: wire.Serialized) -> tuple[int, int, int]:
+    """Write a serialized value's frames to a new file ``name`` (0600, never through a link,
+    never over an existing file) without copying them; (bytes written, device, inode)."""
     views = [memoryview(f).cast("B") for f in (value.header, *value.buffers)]
-    head = _COUNT.pack(len(views)) + struct.pack(f"!{len(views)}Q", *(v.nbytes for v in views))
-    with open(path, "wb") as f:  # big writes bypass the buffer: no copy
+    head = _COUNT.pack(len(views)) + struct.pack(
+        f"!{len(views)}Q", *(v.nbytes | (_frame_flags(v) if i else 0)
+                             for i, v in enumerate(views)))
+    fd = os.open(name, _CREATE, 0o600, dir_fd=dir_fd)
+    with open(fd, "wb") as f:  # big writes bypass the buffer: no copy
         f.write(head)
         for view in views:
             f.write(view)
-    return len(head) + sum(v.nbytes for v in views)
+        f.flush()
+        st = os.fstat(fd)
+    return len(head) + sum(v.nbytes for v in views), st.st_dev, st.st_ino
 
 
-def _read_frames(path: str) -> wire.Serialized:
-    """Read a file written by ``_write_frames`` straight into fresh buffers (writable, as
-    the arrays were: a large one into a mapping the kernel populates in one go)."""
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
+def _read_frames(spilled: _Spilled) -> wire.Serialized:
+    """Read back a file written by ``_write_frames``, if it is still the very file written.
+
+    The file must be the same inode on the same device, with the size written:
+    anything else (replaced, truncated, grown, a link) raises ``SpillError``
+    before a byte of it is used.  Each frame comes back as it was: ``bytes``,
+    a ``bytearray``, or fresh writable memory (a large one in a mapping the
+    kernel populates in one go) for arrays.
+    """
+    with open(os.open(spilled.name, _OPEN, dir_fd=spilled.dir_fd), "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (spilled.dev, spilled.ino) \
+                or st.st_size != spilled.disk_bytes:
+            raise SpillError(f"spill file {spilled.name} is not the file this worker wrote "
+                             f"(replaced or changed: {st.st_size} bytes, expected "
+                             f"{spilled.disk_bytes}); not reading it")
+        size = st.st_size
         count = _COUNT.unpack(_read_exactly(f, _COUNT.size))[0]
         if not 0 < count <= wire.MAX_FRAMES or _COUNT.size + 8 * count > size:
-            raise SpillError(f"spill file {path} is damaged: bad frame count {count}")
+            raise SpillError(f"spill file {spilled.name} is damaged: bad frame count {count}")
         lengths = struct.unpack(f"!{count}Q", _read_exactly(f, 8 * count))
-        if _COUNT.size + 8 * count + sum(lengths) != size:
-            raise SpillError(f"spill file {path} is damaged: {size} bytes, expected "
-                             f"{_COUNT.size + 8 * count + sum(lengths)}")
-        frames = []
-        for i, n in enumerate(lengths):
-            frame = wire.fresh_buffer(n) if i else bytearray(n)  # large: a mapping of its own
-            view, done = memoryview(frame), 0
-            while done < n:
-                got = f.readinto(view[done:])
-                if not got:
-                    raise SpillError(f"spill file {path} is truncated")
-                done += got
-            frames.append(frame)
-    return wire.Serialized(bytes(frames[0]) if len(frames[0]) < 4096 else frames[0], frames[1:])
+        sizes = [n & ~_FLAGS for n in lengths]
+        if _COUNT.size + 8 * count + sum(sizes) != size:
+            raise SpillError(f"spill file {spilled.name} is damaged: {size} bytes, expected "
+                             f"{_COUNT.size + 8 * count + sum(sizes)}")
+        frames = [_read_frame(f, n, flags) for n, flags in
+                  zip(sizes, (length & _FLAGS for length in lengths))]
+    return wire.Serialized(frames[0], frames[1:])
+
+
+def _read_frame(f: Any, n: int, flags: int) -> Any:
+    if not flags & _WRITABLE:
+        return _read_exactly(f, n)
+    frame = bytearray(n) if flags & _BYTEARRAY else wire.fresh_buffer(n)
+    view, done = memoryview(frame), 0
+    while done < n:
+        got = f.readinto(view[done:])
+        if not got:
+            raise SpillError(f"spill file {f.name} is truncated")
+        done += got
+    return frame
 
 
 def _read_exactly(f: Any, n: int) -> bytes:
     data = f.read(n)
-    if len(data) != n:
-        raise SpillError(f"spill file {f.name} is truncated")
+    while len(data) < n:  # a single read returns at most about 2 GiB
+        more = f.read(n - len(data))
+        if not more:
+            raise SpillError(f"spill file {f.name} is truncated")
+        data += more
     return data
 
 
@@ -408,7 +468,8 @@ class SpillBuffer(MutableMapping):
     is called when managed bytes pass ``target``.
     """
 
-    def __init__(self, directory: str | None = None, target: int | None = None) -> None:
+    def __init__(self, directory: LocalDirectory | None = None,
+                 target: int | None = None) -> None:
         self.directory = directory
         self.target = target
         self.fast: OrderedDict[Any, Any] = OrderedDict()
@@ -472,7 +533,7 @@ class SpillBuffer(MutableMapping):
                 raise KeyError(key)
             self.released += 1
         if spilled is not None:
-            _unlink(spilled.path)
+            _unlink(spilled)
 
     def __contains__(self, key: object) -> bool:
         return key in self.fast or key in self.slow
@@ -499,7 +560,7 @@ class SpillBuffer(MutableMapping):
             spilled = self._remove(key)
             self._insert(key, value, nbytes)
         if spilled:
-            _unlink(spilled.path)
+            _unlink(spilled)
         self._check_target()
 
     def serialized(self, key: Any) -> tuple[bool, Any]:
@@ -573,30 +634,21 @@ class SpillBuffer(MutableMapping):
             with self._lock:
                 self._pinned.add(key)
             return -1
-        path = os.path.join(self.directory or ".", f"{next(self._names)}.spill")
         try:
-            try:
-                written = _write_frames(path, frames)
-            except FileNotFoundError:
-                if not self._remake_directory():
-                    raise
-                written = _write_frames(path, frames)
-        except OSError as e:
-            _unlink(path)
-            self.error = f"cannot spill to {self.directory}: {e}"
-            raise SpillError(self.error) from e
+            spilled = self._write(nbytes, frames)
         finally:
             del frames
+        written = spilled.disk_bytes
         with self._lock:
             if self.fast.get(key, _NOTHING) is value:
                 del self.fast[key]
                 del self.sizes[key]
                 self.managed -= nbytes
-                self.slow[key] = _Spilled(path, nbytes, written)
+                self.slow[key] = spilled
                 self.spilled += nbytes
-                path = None
-        if path is not None:  # deleted or replaced while it was written
-            _unlink(path)
+                spilled = None
+        if spilled is not None:  # deleted or replaced while it was written
+            _unlink(spilled)
             return -1
         self.error = None
         self.spill_count += 1
@@ -604,23 +656,33 @@ class SpillBuffer(MutableMapping):
         self.spill_seconds += time.perf_counter() - start
         return nbytes
 
-    def _remake_directory(self) -> bool:
-        """Make the spill directory again if it vanished (a cleaner emptied tmp); True if made.
-
-        A path that exists but is not a directory is left alone: spilling errs.
-        """
+    def _write(self, nbytes: int, frames: wire.Serialized) -> _Spilled:
+        """Write ``frames`` to a new file in the directory, made afresh if it vanished."""
         directory = self.directory
-        if not directory or os.path.lexists(directory):
-            return False
+        if directory is None:
+            raise SpillError("cannot spill: no local directory")
+        dir_fd = directory.fd
+        name = f"{next(self._names)}.spill"
         try:
-            os.makedirs(directory, mode=0o700)
-        except FileExistsError:  # another thread made it just now
-            return True
-        except OSError:
-            return False
-        logger.error("spill directory %s vanished (keys spilled there are lost); made it "
-                     "again", directory)
-        return True
+            try:
+                written, dev, ino = _write_frames(dir_fd, name, frames)
+            except FileNotFoundError:  # the directory was deleted under us
+                if not directory.renew(dir_fd):
+                    raise
+                self._forget_kept_files(directory.fd)
+                dir_fd = directory.fd
+                written, dev, ino = _write_frames(dir_fd, name, frames)
+        except OSError as e:
+            _unlink_name(dir_fd, name)
+            self.error = f"cannot spill to {directory.path}: {e}"
+            raise SpillError(self.error) from e
+        return _Spilled(dir_fd, name, nbytes, written, dev, ino)
+
+    def _forget_kept_files(self, dir_fd: int) -> None:
+        """Keys read back from a directory that is gone keep no file: evicting them writes."""
+        with self._lock:
+            for key in [k for k, s in self.kept.items() if s.dir_fd != dir_fd]:
+                del self.kept[key]
 
     # -- internals (the _lock held)
 
@@ -648,16 +710,23 @@ class SpillBuffer(MutableMapping):
 
     def _read(self, key: Any, spilled: _Spilled) -> wire.Serialized:
         try:
-            return _read_frames(spilled.path)
+            return _read_frames(spilled)
         except OSError as e:
             if key not in self:
                 raise KeyError(key) from None  # deleted while we read
             raise self._unreadable(key, spilled, e) from e
 
     def _unreadable(self, key: Any, spilled: _Spilled, error: Exception) -> SpillError:
-        logger.error("cannot read spilled key %r back from %s: %s", key, spilled.path, error)
-        return SpillError(f"cannot read spilled key {key!r} back from {spilled.path}: "
+        path = self._path(spilled)
+        logger.error("cannot read spilled key %r back from %s: %s", key, path, error)
+        return SpillError(f"cannot read spilled key {key!r} back from {path}: "
                           f"{error}", key)
+
+    def _path(self, spilled: _Spilled) -> str:
+        """The file's path, for messages."""
+        directory = self.directory
+        where = directory.path_of(spilled.dir_fd) if directory is not None else "?"
+        return os.path.join(where, spilled.name)
 
     def clear_files(self) -> None:
         """Forget every spilled key (the directory is going away)."""
@@ -670,9 +739,13 @@ class SpillBuffer(MutableMapping):
 _NOTHING = object()
 
 
-def _unlink(path: str) -> None:
+def _unlink(spilled: _Spilled) -> None:
+    _unlink_name(spilled.dir_fd, spilled.name)
+
+
+def _unlink_name(dir_fd: int, name: str) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
 
@@ -912,13 +985,290 @@ class MemoryManager:
 # ---------------------------------------------------------------------- the directory
 
 
-def make_local_directory(parent: str | None) -> str:
-    """A fresh directory for one worker's spill files, inside ``parent`` (default: tmp)."""
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f"minidist-worker-{os.getpid()}-", dir=parent or None)
+DIRECTORY_PREFIX = "minidist-worker-"
+"""Names of workers' directories: this, the worker's PID, ``-`` and a random part."""
+
+_DIRECTORY_NAME = re.compile(r"minidist-worker-([0-9]+)-[A-Za-z0-9_]{8,32}")
+"""What ``purge_stale_directories`` may remove (with the 8 characters of ``mkdtemp``
+that older versions used, so their leftovers go too)."""
+
+LOCK_NAME = "lock"
+"""The file in a worker's directory that the worker holds locked (``flock``) while it lives."""
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def remove_local_directory(path: str) -> None:
-    """Remove a worker's directory and its spill files (gone already: fine)."""
-    shutil.rmtree(path, ignore_errors=True)
+def check_private(st: os.stat_result, path: str) -> None:
+    """Raise ``PermissionError`` unless ``st`` is a directory of this user that nobody
+    else may enter, read or write (no group or other permission bits)."""
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(errno.EPERM, "not a directory", path)
+    if st.st_uid != os.geteuid():
+        raise PermissionError(errno.EPERM, f"owned by uid {st.st_uid}, not by this user "
+                              f"({os.geteuid()})", path)
+    if st.st_mode & 0o077:
+        raise PermissionError(errno.EPERM, f"mode {stat.S_IMODE(st.st_mode):04o}: others "
+                              "have access (expected 0700)", path)
+
+
+class LocalDirectory:
+    """A worker's private directory for its spill files, inside ``parent`` (default: tmp).
+
+    Made with ``mkdir`` (so never one someone else made) under an
+    unpredictable name, mode 0700; then opened without following links,
+    checked (a directory, ours, mode 0700) and held open: every file
+    operation goes through ``fd`` (``dir_fd=``), so what happens to the path
+    afterwards (renamed, replaced by a link or by another directory) never
+    redirects a read or a write.  The worker holds ``LOCK_NAME`` locked
+    (``flock``) while it lives: a directory whose lock can be taken is a dead
+    worker's, and ``purge_stale_directories`` removes it.
+
+    ``renew`` makes a fresh directory when this one was deleted (a cleaner
+    emptied tmp); the old descriptors stay open until ``remove`` (files of the
+    old directory then fail to open, so nothing is confused with them), and
+    ``on_renew(path)`` is called with the new path.
+    """
+
+    def __init__(self, parent: str | None = None) -> None:
+        self.parent = parent or tempfile.gettempdir()
+        self.path = ""
+        self.fd = -1
+        self.on_renew: Callable[[str], None] | None = None
+        self._name = ""
+        self._lock_fd = -1
+        self._parent_fd = -1
+        self._old: dict[int, str] = {}  # descriptors of directories that vanished: their paths
+        self._renew_lock = threading.Lock()
+        self._open_parent()
+        try:
+            self._make()
+        except BaseException:
+            os.close(self._parent_fd)
+            raise
+
+    def path_of(self, fd: int) -> str:
+        """The path that directory descriptor ``fd`` had (for messages)."""
+        return self.path if fd == self.fd else self._old.get(fd, "(a removed directory)")
+
+    def _open_parent(self) -> None:
+        os.makedirs(self.parent, mode=0o700, exist_ok=True)
+        fd = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if self._parent_fd >= 0:
+            os.close(self._parent_fd)
+        self._parent_fd = fd
+
+    def _make(self) -> None:
+        """Make, open, check and lock a fresh directory; a few tries if raced."""
+        for _ in range(10):
+            name = f"{DIRECTORY_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+            try:
+                os.mkdir(name, 0o700, dir_fd=self._parent_fd)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:  # the parent itself was deleted: make it again
+                self._open_parent()
+                continue
+            made = self._open_made(name)
+            if made is not None:
+                self._name, (self.fd, self._lock_fd) = name, made
+                self.path = os.path.join(self.parent, name)
+                return
+        raise OSError(errno.EEXIST, f"cannot make a private directory in {self.parent}")
+
+    def _open_made(self, name: str) -> tuple[int, int] | None:
+        """(directory fd, lock fd) for the directory just made, or None if it was raced away.
+
+        Raises ``PermissionError`` if what is there now is not ours and private.
+        """
+        try:
+            fd = os.open(name, _DIRECTORY, dir_fd=self._parent_fd)
+        except OSError:  # removed, or swapped for a link, since it was made
+            return None
+        try:
+            st = os.fstat(fd)
+            check_private(st, os.path.join(self.parent, name))
+            if stat.S_IMODE(st.st_mode) != 0o700:  # a umask took the owner's bits away
+                os.fchmod(fd, 0o700)
+            lock_fd = os.open(LOCK_NAME, _CREATE, 0o600, dir_fd=fd)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_nlink == 0:  # taken for stale and removed meanwhile
+                    raise FileNotFoundError(name)
+            except BaseException:
+                os.close(lock_fd)
+                raise
+        except (FileNotFoundError, BlockingIOError):
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, lock_fd
+
+    def renew(self, seen_fd: int) -> bool:
+        """Make a fresh directory if the one behind ``seen_fd`` was deleted; True if there
+        is a fresh one to use now (made here, or by another thread just before)."""
+        with self._renew_lock:
+            if self.fd != seen_fd:
+                return self.fd >= 0
+            if self.fd < 0 or os.fstat(self.fd).st_nlink > 0:
+                return False  # still there: the error was something else
+            old_path = self.path
+            self._old[self.fd] = old_path
+            os.close(self._lock_fd)
+            try:
+                self._make()
+            except OSError as e:
+                logger.error("spill directory %s vanished and no fresh one can be made: %s",
+                             old_path, e)
+                self.fd = self._lock_fd = -1
+                return False
+        logger.error("spill directory %s vanished (keys spilled there are lost); spilling to "
+                     "a fresh directory %s", old_path, self.path)
+        if self.on_renew is not None:
+            self.on_renew(self.path)
+        return True
+
+    def remove(self) -> None:
+        """Remove the directory and every file in it, then close it (done already: fine)."""
+        with self._renew_lock:
+            if self.fd >= 0:
+                _empty(self.fd)
+                _rmdir_if_same(self._parent_fd, self._name, self.fd)
+            for fd in [self.fd, self._lock_fd, self._parent_fd, *self._old]:
+                if fd >= 0:
+                    os.close(fd)
+            self.fd = self._lock_fd = self._parent_fd = -1
+            self._old.clear()
+
+    def __repr__(self) -> str:
+        return f"<LocalDirectory {self.path}>"
+
+
+def make_local_directory(parent: str | None) -> LocalDirectory:
+    """A fresh private directory for one worker's spill files, inside ``parent`` (default:
+    tmp), after removing the directories that dead workers left there."""
+    try:
+        purge_stale_directories(parent or tempfile.gettempdir())
+    except OSError as e:
+        logger.warning("cannot look for directories of dead workers in %s: %s", parent, e)
+    return LocalDirectory(parent)
+
+
+def purge_stale_directories(parent: str) -> list[str]:
+    """Remove the directories of dead workers inside ``parent``; the names removed.
+
+    Only directories named like a worker's (``DIRECTORY_PREFIX``), owned by
+    this user and whose lock can be taken (or, without a lock file, whose PID
+    is not running) are removed; links are never followed.
+    """
+    try:
+        parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    removed = []
+    try:
+        for name in os.listdir(parent_fd):
+            if _DIRECTORY_NAME.fullmatch(name) and _remove_if_stale(parent_fd, name):
+                removed.append(name)
+    finally:
+        os.close(parent_fd)
+    if removed:
+        logger.info("removed %d directories of dead workers in %s", len(removed), parent)
+    return removed
+
+
+def remove_dead_worker_directory(path: str) -> bool:
+    """Remove the directory ``path`` of a worker that has exited, if it is still there,
+    named and owned as a worker's, and unlocked; True if removed."""
+    parent, name = os.path.split(path)
+    if not _DIRECTORY_NAME.fullmatch(name):
+        return False
+    try:
+        parent_fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return _remove_if_stale(parent_fd, name)
+    finally:
+        os.close(parent_fd)
+
+
+def _remove_if_stale(parent_fd: int, name: str) -> bool:
+    try:
+        fd = os.open(name, _DIRECTORY, dir_fd=parent_fd)
+    except OSError:  # gone, not a directory, or a link: not ours to touch
+        return False
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return False
+        lock_fd = _take_lock(fd)
+        if lock_fd is None or (lock_fd < 0 and _pid_alive(_pid_in(name))):
+            return False
+        try:
+            _empty(fd)
+            return _rmdir_if_same(parent_fd, name, fd)
+        finally:
+            if lock_fd >= 0:
+                os.close(lock_fd)
+    except OSError as e:
+        logger.warning("cannot remove stale directory %s: %s", name, e)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _take_lock(dir_fd: int) -> int | None:
+    """The directory's lock, taken: its fd; -1 if it has no lock file; None if held."""
+    try:
+        lock_fd = os.open(LOCK_NAME, _OPEN, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return -1
+    except OSError:  # not a regular file we can open: leave the directory alone
+        return None
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock_fd)
+        return None
+    return lock_fd
+
+
+def _pid_in(name: str) -> int:
+    match = _DIRECTORY_NAME.fullmatch(name)
+    return int(match.group(1)) if match else 0
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _empty(dir_fd: int) -> None:
+    """Remove everything inside the open directory ``dir_fd``, never following a link."""
+    for entry in os.listdir(dir_fd):
+        try:
+            os.unlink(entry, dir_fd=dir_fd)
+        except IsADirectoryError:
+            shutil.rmtree(entry, dir_fd=dir_fd, ignore_errors=True)  # fd-based: no links
+        except OSError:
+            pass
+
+
+def _rmdir_if_same(parent_fd: int, name: str, fd: int) -> bool:
+    """Remove ``name`` from ``parent_fd`` if it still is the directory open as ``fd``."""
+    try:
+        if not os.path.samestat(os.stat(name, dir_fd=parent_fd, follow_symlinks=False),
+                                os.fstat(fd)):
+            return False
+        os.rmdir(name, dir_fd=parent_fd)
+    except OSError:
+        return False
+    return True

@@ -9,7 +9,8 @@ nannies in the client's process), so a cluster costs no extra process::
     Nanny ── slot thread 0 ── python -m minidist.worker ADDR --no-nanny --ready-fd 5 ...
           └─ slot thread 1 ── python -m minidist.worker ...      (one thread per worker)
 
-  child --status pipe (--ready-fd)--> slot thread: the ready lines, then "stopping"
+  child --status pipe (--ready-fd)--> slot thread: "directory PATH" (its local directory),
+                                      the ready lines, then "stopping"
   nanny --stdin pipe----------------> child: EOF (the nanny is gone) stops the worker
   child stdout/stderr: inherited (dworker: the worker prints to the nanny's terminal),
                        or pipes drained by forwarder threads into this process's
@@ -20,7 +21,9 @@ status pipe, waits for it to exit (a pidfd wakes it at once) and every
 ``POLICY_INTERVAL`` asks the nanny's policies whether the running worker
 must be restarted (``memory.terminate_policy``: its RSS passed 95% of its
 memory limit; it is killed with SIGKILL, so the death counts against the
-task it was running).  When the process ends:
+task it was running).  When the process ends, the slot thread removes its
+local directories (a worker that stopped cleanly removed them itself, a
+killed one could not: ``memory.remove_dead_worker_directory``), then:
 
 - the nanny is closing, or the slot was stopped (``Nanny.stop``): the slot ends;
 - a policy asked for the restart: it restarts at once;
@@ -114,6 +117,7 @@ class Child:
         self.ready_lines: list[str] = []
         self.ready = False  # the current process has registered
         self.restarts = 0
+        self.directories: list[str] = []  # the current process's local directories
         self.crashes = 0  # deaths in a row, each soon after starting
         self.started_at = 0.0
         self.keep = True  # False once stopped on request: never restarted again
@@ -285,6 +289,7 @@ class Nanny:
     def _supervise(self, child: Child) -> None:
         while True:
             self._watch(child)
+            _remove_directories(child)
             delay = self._after_exit(child)
             if delay is None:
                 return self._end(child)
@@ -344,6 +349,9 @@ class Nanny:
             line = raw.decode(errors="replace")
             if line == "stopping":
                 child._stopping = True
+                continue
+            if line.startswith("directory "):
+                child.directories.append(line[len("directory "):])
                 continue
             child.ready_lines.append(line)
             if line.startswith("Start worker at:"):
@@ -424,6 +432,19 @@ class Nanny:
                 self.on_gone(child, requested)
             except Exception:
                 logger.exception("on_gone failed")
+
+
+def _remove_directories(child: Child) -> None:
+    """Remove the local directories of a worker process that has exited (a worker
+    that stops cleanly has removed them already; a killed one could not)."""
+    from .memory import remove_dead_worker_directory
+    for path in child.directories:
+        try:
+            if remove_dead_worker_directory(path):
+                logger.info("removed the local directory %s of worker pid %d", path, child.pid)
+        except Exception:
+            logger.exception("cannot remove the local directory %s", path)
+    child.directories = []
 
 
 def _signal(popen: subprocess.Popen, sig: int) -> None:

@@ -61,12 +61,13 @@ import threading
 import time
 from concurrent.futures import Future as _Future
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from . import wire
-from .cli import DefaultsHelpFormatter, add_common_args, run_until_signalled, start_process
-from .memory import (MemoryManager, SpillBuffer, SpillError, make_local_directory,
-                     parse_memory_limit, remove_local_directory, sizeof, tune_allocator)
+from .cli import (DefaultsHelpFormatter, add_common_args, run_until_signalled, start_process,
+                  tell_status)
+from .memory import (LocalDirectory, MemoryManager, SpillBuffer, SpillError,
+                     make_local_directory, parse_memory_limit, sizeof, tune_allocator)
 from .task import RunSpec, captured_warnings, pack_exception, pack_warnings, run
 from .wire import BatchedSender, Connection, ConnectionPool, Security
 
@@ -130,7 +131,8 @@ class Worker:
         self.address = ""
         self.memory_limit = memory_limit or None
         self.local_directory_parent = local_directory
-        self.local_directory = ""  # made by start(), removed by stop()
+        self.local_directory: LocalDirectory | None = None  # made by start(), removed by stop()
+        self.on_local_directory: Callable[[str], None] | None = None  # told each path it uses
         self.data = SpillBuffer()
         self.nbytes: dict[Any, int] = {}
         self.executed = 0
@@ -177,18 +179,12 @@ class Worker:
         """Serve on ``host:port``, register with the center and start the task threads."""
         wire.warn_if_exposed(host, self.security, "worker")
         self._bind_host = host
-        try:
-            self.local_directory = self.data.directory = \
-                make_local_directory(self.local_directory_parent)
-        except OSError as e:
-            raise OSError(e.errno, f"cannot create a local directory in "
-                          f"{self.local_directory_parent or 'the temporary directory'}: "
-                          f"{e.strerror or e}") from e
+        self.make_local_directory()
         tune_allocator()
         try:
             self.server.listen(host, port)
         except OSError:
-            remove_local_directory(self.local_directory)
+            self.local_directory.remove()
             raise
         self.memory.start()
         for i in range(self.nthreads):
@@ -196,16 +192,21 @@ class Worker:
                              daemon=True).start()
         threading.Thread(target=self._center_loop, name="center-stream", daemon=True).start()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        try:
+            self._wait_registered(timeout)
+        except BaseException:  # a signal while registering too: leave no directory behind
+            self.stop()
+            raise
+        return self.address
+
+    def _wait_registered(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not self._registered.wait(0.05):
             if self._fatal is not None:
-                self.stop()
                 raise self._fatal
             if time.monotonic() > deadline:
-                self.stop()
                 raise TimeoutError(f"could not register with center {self.center_address} "
                                    f"within {timeout}s")
-        return self.address
 
     def stop(self) -> None:
         """Tell the center we leave, then close everything."""
@@ -224,9 +225,27 @@ class Worker:
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self._peers.close()
         self.memory.stop()
-        if self.local_directory:
+        if self.local_directory is not None:
             self.data.clear_files()
-            remove_local_directory(self.local_directory)
+            self.local_directory.remove()
+
+    def make_local_directory(self) -> str:
+        """Make the worker's private spill directory (``start`` does, if not done); its path.
+
+        Stale directories of dead workers in the same place are removed first.
+        """
+        if self.local_directory is None:
+            try:
+                directory = make_local_directory(self.local_directory_parent)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot create a local directory in "
+                              f"{self.local_directory_parent or 'the temporary directory'}: "
+                              f"{e.strerror or e}") from e
+            directory.on_renew = self.on_local_directory
+            self.local_directory = self.data.directory = directory
+            if self.on_local_directory is not None:
+                self.on_local_directory(directory.path)
+        return self.local_directory.path
 
     # ------------------------------------------------------------------ center stream
 
@@ -564,7 +583,7 @@ class Worker:
         """``Client.upload_file``: install a ``.py``, ``.zip`` or ``.egg`` for tasks to import."""
         from .uploads import install
         try:
-            install(os.path.join(self.local_directory, "uploads"), name, bytes(content),
+            install(os.path.join(self.local_directory.path, "uploads"), name, bytes(content),
                     self._uploaded)
             return {"status": "OK"}
         except BaseException as e:  # noqa: B036 - the uploading client gets it
@@ -658,8 +677,9 @@ def main(argv: list[str] | None = None) -> int:
                              "'none'; spill at 60%%, pause at 80%% (resume below 75%%), "
                              "restart at 95%%")
     parser.add_argument("--local-directory", default=None, metavar="DIR",
-                        help="where spilled data goes: a fresh directory inside DIR, removed "
-                             "when the worker stops (default: the temporary directory)")
+                        help="where spilled data goes: a fresh private directory inside DIR, "
+                             "removed when the worker stops (default: the temporary "
+                             "directory)")
     parser.add_argument("--no-nanny", action="store_true",
                         help="run the worker in this process, without a nanny to restart it")
     parser.add_argument("--ready-fd", type=int, default=None,
@@ -689,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
                     death_timeout=args.death_timeout,
                     memory_limit=args.memory_limit_bytes,
                     local_directory=args.local_directory)
+    if args.ready_fd is not None:  # the nanny removes the directory if the worker dies
+        worker.on_local_directory = lambda path: tell_status(args.ready_fd, f"directory {path}")
     try:
         address = worker.start(host, args.port,
                                timeout=args.death_timeout or float("inf"))

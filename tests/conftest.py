@@ -204,5 +204,12 @@ def spawn(tmp_path):
         raise AssertionError(f"{role} not ready within {timeout}s: {proc.lines}")
 
     yield start
+    for proc in procs:  # SIGTERM, so that workers remove their directories; then SIGKILL
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(signal.SIGTERM)
     for proc in procs:
-        proc.stop(signal.SIGKILL if proc.popen.poll() is None else signal.SIGTERM)
+        try:
+            proc.popen.wait(5.0)
+        except subprocess.TimeoutExpired:
+            pass
+        reap(proc.popen)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -129,26 +130,34 @@ def test_sizeof_and_its_extension():
 
 
 def test_spill_buffer_round_trip(tmp_path):
-    buf = SpillBuffer(str(tmp_path), target=25 * MB)
+    from minidist.memory import LocalDirectory
+    directory = LocalDirectory(str(tmp_path))
+
+    def files() -> list[str]:
+        return sorted(n for n in os.listdir(directory.path) if n.endswith(".spill"))
+
+    buf = SpillBuffer(directory, target=25 * MB)
     arrays = {i: np.full(1 << 20, i, dtype=np.float64) for i in range(4)}  # 8 MiB each
     for key, value in arrays.items():
         buf.put(key, value, value.nbytes)
     assert buf.managed == 4 * 8 * 2**20
     assert buf.spill_one() == 8 * 2**20  # the least recently used: key 0
     assert 0 not in buf.fast and 0 in buf.slow and 0 in buf and len(buf) == 4
-    assert len(os.listdir(tmp_path)) == 1
+    assert len(files()) == 1
     in_memory, frames = buf.serialized(0)  # what get_data sends: the file's frames
     assert not in_memory and minidist.wire.deserialize(frames)[5] == 0
     back = buf[0]  # read back into memory; the file stays for the next eviction
     assert back.flags.writeable and (back == 0).all()
-    assert 0 in buf.fast and buf.spilled == 0 and len(os.listdir(tmp_path)) == 1
+    assert 0 in buf.fast and buf.spilled == 0 and len(files()) == 1
     assert buf.spill_one() == 8 * 2**20 and buf.spill_count == 1  # key 0 again: no write
     assert buf.spill_one() == 8 * 2**20 and buf.spill_count == 2  # key 1: written
-    assert sorted(buf.slow) == [0, 1] and len(os.listdir(tmp_path)) == 2
+    assert sorted(buf.slow) == [0, 1] and len(files()) == 2
     buf.put(0, np.zeros(4), 32)  # a new value replaces the file
     del buf[1]  # spilled or not, a delete removes it
     buf.discard(2)
-    assert sorted(buf, key=str) == [0, 3] and os.listdir(tmp_path) == []
+    assert sorted(buf, key=str) == [0, 3] and files() == []
+    directory.remove()
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------------- with processes
@@ -298,44 +307,47 @@ def test_pause_does_not_flap_and_a_stuck_worker_resumes(tmp_path, capfd):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("damage", ["vanished", "not a directory"])
-def test_unwritable_spill_directory_errs_clearly_and_loses_nothing(tmp_path, damage, capfd):
-    """A spill directory removed under the worker is made again at the next spill; a path
-    that is not a directory makes spilling err clearly, and keeps every key in memory."""
+@pytest.mark.parametrize("damage", ["vanished", "a symlink", "a file"])
+def test_spill_directory_removed_under_the_worker_is_never_trusted_again(tmp_path, damage,
+                                                                          capfd):
+    """The worker's directory removed under it, and the path left empty, or made a link to
+    someone else's directory, or a file: the worker spills into a fresh private directory
+    of its own at its next spill, never through the path, and loses nothing it holds."""
     limit = 500 * MB  # spill above 300 MB managed; pause above 400 MB of RSS
     parent = tmp_path / "spill"
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for i in range(100):  # where a worker writing through a link would overwrite
+        (victim / f"{i}.spill").write_bytes(b"precious")
     with LocalCluster(1, memory_limit=limit, local_directory=str(parent)) as cluster, \
             Executor(cluster) as e:
         (directory,) = parent.iterdir()  # each worker makes a fresh directory in it
         assert directory.name.startswith("minidist-worker-")
         shutil.rmtree(directory)
-        if damage == "not a directory":
+        if damage == "a symlink":
+            directory.symlink_to(victim)
+        elif damage == "a file":
             directory.write_bytes(b"")
         futures = [e.submit(make, i) for i in range(32)]  # 320 MiB: over the target
         concurrent.futures.wait(futures, timeout=30)
-        if damage == "vanished":
-            (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spilled"]],
-                                  message="spilling goes on").__iter__()
-            assert figures["spill_error"] is None
-            assert directory.is_dir() and directory.stat().st_mode & 0o777 == 0o700
-            assert len(list(directory.iterdir())) > 0
-        else:
-            (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spill_error"]
-                                           and w["managed"] >= 32 * CHUNK],
-                                  message="the spill error is reported").__iter__()
-            assert str(directory) in figures["spill_error"]
-            assert "Not a directory" in figures["spill_error"]
-            assert figures["spilled"] == 0
+        (figures,) = wait_for(lambda: [w for w in e.memory().values() if w["spilled"]],
+                              message="spilling goes on").__iter__()
+        assert figures["spill_error"] is None
+        (fresh,) = [p for p in parent.iterdir() if p != directory]
+        assert fresh.name.startswith("minidist-worker-") and not fresh.is_symlink()
+        st = fresh.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+        assert len(list(fresh.glob("*.spill"))) > 0
         checks = e.gather([e.submit(check, f) for f in futures])
         assert [c[0] for c in checks] == [float(i) for i in range(32)]  # nothing lost
         assert first_values(*e.gather(futures[:3])) == [0.0, 1.0, 2.0]
         assert cluster.workers[0].restarts == 0
     log = capfd.readouterr().err
-    if damage == "vanished":
-        assert log.count(f"spill directory {directory} vanished") == 1, log
-        assert list(parent.iterdir()) == []  # removed when the worker stopped
-    else:
-        assert f"cannot spill to {directory}" in log
+    assert log.count(f"spill directory {directory} vanished") == 1, log
+    assert sorted(p.name for p in victim.iterdir()) == sorted(f"{i}.spill" for i in range(100))
+    assert all(p.read_bytes() == b"precious" for p in victim.iterdir())
+    assert [p.name for p in parent.iterdir()] == ([directory.name] if damage != "vanished"
+                                                  else [])  # the fresh one removed at stop
 
 
 def spill_files(parent) -> list:
@@ -481,3 +493,172 @@ def test_scheduler_sends_a_paused_worker_nothing_until_it_resumes():
                                        info["memory_unmanaged"]) == (1, 2, 3)
     out = sched.worker_msgs(0.4, "A", "a:1", memory(False))
     assert len(computes(out, "A")) == 1
+
+
+# ---------------------------------------------------------------- values come back as themselves
+
+
+class Wrapped:
+    """A user class that pickles itself with ``__reduce__``."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def __reduce__(self):
+        return Wrapped, (self.payload,)
+
+
+def value_of(kind: str):
+    """A value of about 1 MB of each kind (large enough to travel out of band)."""
+    n = 1 << 20
+    if kind == "bytes":
+        return b"abc" + bytes(n)
+    if kind == "bytearray":
+        return bytearray(b"abc" + bytes(n))
+    if kind == "str":
+        return "abc" + "x" * n
+    if kind == "memoryview":
+        return memoryview(bytearray(n)).cast("i", (256, n // 1024))
+    if kind == "memoryview-readonly":
+        return memoryview(b"abc" + bytes(n))
+    if kind == "numpy":
+        return np.arange(n // 8, dtype=np.int32).reshape(64, -1)
+    if kind == "numpy-readonly":
+        a = np.arange(n // 8, dtype=np.float32)
+        a.setflags(write=False)
+        return a
+    if kind == "pandas":
+        import pandas as pd
+        return pd.DataFrame({"i": np.arange(n // 16), "s": ["abc"] * (n // 16)})
+    if kind == "user":
+        return Wrapped(b"abc" + bytes(n))
+    raise ValueError(kind)
+
+
+KINDS = ["bytes", "bytearray", "str", "memoryview", "memoryview-readonly", "numpy",
+         "numpy-readonly", "pandas", "user"]
+
+
+def describe(value) -> tuple:
+    """What a value is: its type, whether it can be written, and what using it gives."""
+    kind = type(value).__name__
+    if isinstance(value, bytes):
+        return kind, value[:3] + b"!", len(value)
+    if isinstance(value, bytearray):
+        value[:1] = value[:1]  # mutable, as it was
+        return kind, bytes(value[:3]), len(value)
+    if isinstance(value, str):
+        return kind, value[:3] + "!", len(value)
+    if isinstance(value, memoryview):
+        return kind, value.readonly, value.format, value.shape
+    if isinstance(value, np.ndarray):
+        return kind, value.dtype.str, value.shape, value.flags.writeable, float(value.sum())
+    if isinstance(value, Wrapped):
+        return kind, type(value.payload).__name__, value.payload[:3] + b"!"
+    if type(value).__name__ == "DataFrame":
+        return kind, tuple(map(str, value.dtypes)), value.shape, int(value["i"].sum())
+    return (kind,)
+
+
+@pytest.mark.timeout(90)
+def test_a_spilled_value_comes_back_as_itself(tmp_path):
+    """Each kind of value, spilled, comes back with its type and mutability: in a task on
+    its worker, gathered by the client, and fetched by a peer; so does one that never
+    left memory."""
+    pytest.importorskip("pandas")
+    limit = 200 * MB  # spill above 120 MB managed
+    expected = [describe(value_of(kind)) for kind in KINDS]
+    with LocalCluster(2, memory_limit=limit, local_directory=str(tmp_path)) as cluster, \
+            Executor(cluster) as e:
+        a, b = [w.address for w in cluster.workers]
+        values = [e.submit(value_of, kind, workers=[a]) for kind in KINDS]
+        assert [describe(v) for v in e.gather(values)] == expected  # from memory
+        fillers = [e.submit(make, i, workers=[a]) for i in range(16)]  # 168 MB, newer
+        concurrent.futures.wait(fillers, timeout=30)
+        wait_for(lambda: e.memory()[a]["spilled"] >= 12 * MB + CHUNK,  # some fillers too
+                 message="the values spilled (the least recently used)")
+        on_disk = spill_files(tmp_path)
+        assert len(on_disk) >= len(KINDS)
+        assert [describe(v) for v in e.gather(values)] == expected  # the files, as they are
+        fetched = e.gather([e.submit(describe, v, workers=[b]) for v in values])
+        assert fetched == expected  # a peer's fetch of the files
+        used = e.gather([e.submit(describe, v, workers=[a]) for v in values])
+        assert used == expected  # read back into the worker that spilled them
+        for path in on_disk:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+# ---------------------------------------------------------------------- a shared machine
+
+
+def planted_spill_file(size: int, marker: str) -> bytes:
+    """A file in the spill format of exactly ``size`` bytes whose pickle, if loaded,
+    creates ``marker`` (what another local user could plant to run code as the worker)."""
+    import pickle
+    import struct
+
+    class Payload:
+        def __reduce__(self):
+            return open, (marker, "w")
+    header = pickle.dumps(Payload(), protocol=5)
+    padding = size - 8 - 16 - len(header)
+    assert padding >= 0
+    return struct.pack("!Q", 2) + struct.pack("!2Q", len(header), padding) + header + \
+        bytes(padding)
+
+
+@pytest.mark.timeout(90)
+def test_a_planted_spill_file_is_never_unpickled(tmp_path):
+    """Spill files replaced by planted pickles of the very same size: neither the worker
+    nor the client loads them; the keys are lost, recomputed, and the cluster serves on."""
+    limit = 200 * MB
+    marker = str(tmp_path / "pwned")
+    spill = tmp_path / "spill"
+    with LocalCluster(1, memory_limit=limit, local_directory=str(spill)) as cluster, \
+            Executor(cluster) as e:
+        pid = cluster.workers[0].pid
+        futures = [e.submit(make, i) for i in range(24)]  # 250 MB
+        concurrent.futures.wait(futures, timeout=30)
+        wait_for(lambda: sum(w["spilled"] for w in e.memory().values()) >= 10 * CHUNK,
+                 message="results spilled")
+        files = spill_files(spill)
+        assert len(files) >= 10
+        for path in files:
+            planted = path.with_name("planted")
+            planted.write_bytes(planted_spill_file(path.stat().st_size, marker))
+            os.replace(planted, path)  # same name, same size: another file
+        half = len(files) // 2
+        assert first_values(*e.gather(futures[:half])) == [float(i) for i in range(half)]
+        checks = e.gather([e.submit(check, f) for f in futures])  # the tasks read them
+        assert checks == [(float(i), float(i) * (CHUNK // 8)) for i in range(24)]
+        assert not os.path.exists(marker)
+        assert cluster.workers[0].restarts == 0 and cluster.workers[0].pid == pid
+        assert e.submit(inc, 1).result(30) == 2
+    assert not os.path.exists(marker)
+
+
+def test_a_directory_others_can_enter_or_not_ours_is_refused(tmp_path):
+    from minidist.memory import LocalDirectory, check_private
+    directory = LocalDirectory(str(tmp_path))
+    try:
+        st = os.stat(directory.path)
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+        check_private(st, directory.path)  # ours: fine
+        assert len(os.path.basename(directory.path)) >= len("minidist-worker-1-") + 16
+    finally:
+        directory.remove()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(PermissionError, match="0777"):
+        check_private(os.stat(shared), str(shared))
+    shared.chmod(0o750)
+    with pytest.raises(PermissionError, match="0750"):
+        check_private(os.stat(shared), str(shared))
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    shared.chmod(0o700)
+    os.chown(shared, 65534, 65534)
+    with pytest.raises(PermissionError, match="uid 65534"):
+        check_private(os.stat(shared), str(shared))

@@ -342,3 +342,146 @@ def test_a_policy_can_restart_a_running_worker(tmp_path, caplog):
                  message="the center to know only the new worker")
         assert e.submit(getpid, pure=False).result(timeout=10) == worker.pid
     assert f"(pid {old_pid}): over its limit" in caplog.text
+
+
+# --------------------------------------------------------------------------- local directories
+
+
+def ten_mib(i):
+    import numpy as np
+    return np.full(10 << 17, float(i))
+
+
+def worker_directories(parent, pid=None) -> list:
+    prefix = "minidist-worker-" + (f"{pid}-" if pid else "")
+    return sorted(p for p in parent.iterdir() if p.name.startswith(prefix))
+
+
+@pytest.mark.timeout(60)
+def test_sigkilled_worker_leaves_no_spill_files_behind(spawn, tmp_path):
+    """A worker killed with spilled data: the nanny removes its directory, and the worker
+    it starts in its place has a fresh one of its own."""
+    center = spawn("center", "--port", "0")
+    worker = spawn("worker", center.address, "--memory-limit", "200MB",
+                   "--local-directory", str(tmp_path))
+    lines = Lines(worker)
+    first_pid = worker.pid
+    (directory,) = worker_directories(tmp_path, first_pid)
+    with Executor(center.address) as e:
+        futures = [e.submit(ten_mib, i) for i in range(20)]  # 210 MB: over half spilled
+        concurrent.futures.wait(futures, timeout=30)
+        wait_for(lambda: sum(w["spilled"] for w in e.memory().values()) >= 8 * (10 << 20),
+                 message="80 MB spilled")
+        assert len(list(directory.glob("*.spill"))) >= 8
+        os.kill(first_pid, signal.SIGKILL)
+        _, pid = lines.worker()
+    assert not directory.exists()
+    assert [d.name.split("-")[2] for d in worker_directories(tmp_path)] == [str(pid)]
+    assert worker.stop(signal.SIGTERM) == 0
+    assert worker_directories(tmp_path) == []  # a clean stop removes its own
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_is_not_restarted_leaves_no_directory(tmp_path):
+    with LocalCluster(n_workers=1, nanny=False, local_directory=str(tmp_path)) as cluster:
+        [worker] = cluster.workers
+        (directory,) = worker_directories(tmp_path, worker.pid)
+        os.kill(worker.pid, signal.SIGKILL)
+        wait_for(lambda: worker.gone, 10, message="the worker gone")
+        assert not directory.exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_starting_worker_removes_only_dead_workers_directories(spawn, tmp_path):
+    """Left in the local directory: a dead worker's directory (its lock free), one without
+    a lock whose PID is gone, a live one (locked), a link and a directory of another
+    user named like ours, and something else.  Only the two dead ones are removed."""
+    import fcntl
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    parent = tmp_path / "parent"
+    victim = tmp_path / "victim"
+    parent.mkdir()
+    victim.mkdir()
+    (victim / "keep").write_bytes(b"precious")
+
+    def make(name: str, lock: bool = True):
+        path = parent / name
+        path.mkdir(mode=0o700)
+        (path / "0.spill").write_bytes(b"x" * 1000)
+        if lock:
+            (path / "lock").write_bytes(b"")
+        return path
+
+    unlocked = make("minidist-worker-1234-0123456789abcdef")
+    lockless = make(f"minidist-worker-{dead_pid}-abcdefgh", lock=False)  # an older name
+    live = make(f"minidist-worker-{os.getpid()}-fedcba9876543210")
+    held = os.open(live / "lock", os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a worker alive holds its lock
+    link = parent / "minidist-worker-4321-0123456789abcdef"
+    link.symlink_to(victim)
+    other = parent / "unrelated-directory"
+    other.mkdir()
+    others = None
+    if os.geteuid() == 0:
+        others = make("minidist-worker-5678-0123456789abcdef", lock=True)
+        for p in (others, others / "lock", others / "0.spill"):
+            os.chown(p, 65534, 65534)
+    try:
+        center = spawn("center", "--port", "0")
+        worker = spawn("worker", center.address, "--no-nanny", "--local-directory",
+                       str(parent))
+        assert not unlocked.exists() and not lockless.exists()
+        assert (live / "0.spill").exists() and link.is_symlink() and other.is_dir()
+        assert (victim / "keep").read_bytes() == b"precious"
+        if others is not None:
+            assert (others / "0.spill").exists()
+        (mine,) = worker_directories(parent, worker.pid)
+        assert worker.stop(signal.SIGTERM) == 0
+        assert not mine.exists()
+    finally:
+        os.close(held)
+
+
+FIXTURE_RUN = '''
+import os, signal
+from minidist import Executor
+
+def inc(x):
+    return x + 1
+
+def test_cluster_fixture(c, e):
+    assert e.submit(inc, 1).result(30) == 2
+
+def test_spawned(spawn):
+    center = spawn("center", "--port", "0")
+    spawn("worker", center.address, "--nworkers", "2")
+    worker = spawn("worker", center.address, "--no-nanny")
+    killed = spawn("worker", center.address)
+    os.kill(killed.pid, signal.SIGKILL)  # its nanny restarts it
+    with Executor(center.address) as e:
+        assert e.submit(inc, 1).result(30) == 2
+'''
+
+
+@pytest.mark.timeout(120)
+def test_a_run_of_the_cluster_fixtures_leaves_no_directories(tmp_path):
+    """The suite's own fixtures (a module's LocalCluster, spawned centers and workers with
+    and without a nanny, one killed) leave no worker directory in the temporary directory."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    (tmp_path / "test_fixture_run.py").write_text(FIXTURE_RUN)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "TMPDIR": str(tmp),
+           "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    env.pop("MINIDIST_TEST_SESSION", None)  # its own session, checked by its own conftest
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest",
+                          "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+                          str(tmp_path / "test_fixture_run.py")],
+                         capture_output=True, text=True, env=env, cwd=str(tmp_path),
+                         timeout=100)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 passed" in run.stdout
+    assert sorted(p.name for p in tmp.glob("minidist-worker-*")) == []
