@@ -242,7 +242,27 @@ def parse_memory_limit(value: Any, nworkers: int = 1, total: int | None = None) 
     ``auto`` is the machine's memory divided by ``nworkers``; ``0``,
     ``none`` and None turn the limit off.  Raises ``ValueError`` on
     anything else.
+
+    Where a process's memory cannot be read (no ``/proc``: not Linux),
+    pausing, spilling by resident size and the nanny's restart could never
+    happen: ``auto`` then means no limit (logged), and any other limit is
+    refused with ``ValueError``.
     """
+    if value is None:
+        return None
+    limit = _parse_memory_limit(value, nworkers, total)
+    if limit is not None and not rss_readable():
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            logger.info("no memory limit: this platform has no /proc to read a process's "
+                        "memory from")
+            return None
+        raise ValueError(f"memory limit {value!r} refused: this platform has no /proc to "
+                         "read a worker's memory from, so it could not be enforced; "
+                         "pass 'none'")
+    return limit
+
+
+def _parse_memory_limit(value: Any, nworkers: int = 1, total: int | None = None) -> int | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -258,7 +278,7 @@ def parse_memory_limit(value: Any, nworkers: int = 1, total: int | None = None) 
                              "'auto' or 'none'")
         number, unit = float(match.group(1)), match.group(2)
         if not unit and number <= 1:
-            return parse_memory_limit(number, nworkers, total)
+            return _parse_memory_limit(number, nworkers, total)
         return int(number * _UNITS[unit]) or None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"invalid memory limit {value!r}")
@@ -283,10 +303,19 @@ def format_bytes(n: float) -> str:
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+_STATM = "/proc/{pid}/statm"
+"""Where a process's resident size is read (Linux)."""
+
+
+def rss_readable() -> bool:
+    """Whether this platform lets a process's resident size be read (``/proc``)."""
+    return process_rss() > 0
+
+
 def process_rss(pid: int | str = "self") -> int:
     """Resident bytes of a process (``/proc/PID/statm``); 0 if it is gone or unknown."""
     try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
+        with open(_STATM.format(pid=pid), "rb") as f:
             return int(f.read().split()[1]) * _PAGE
     except (OSError, IndexError, ValueError):
         return 0
