@@ -1,14 +1,16 @@
 """Run a function right after a module is imported, without importing it ourselves.
 
 ``import minidist`` must stay cheap, yet some libraries want to hear of
-minidist as soon as they are loaded (joblib's backend registry).  So::
+minidist as soon as they are loaded (dask's default scheduler, joblib's
+backend registry).  So::
 
   after_import("joblib.parallel", fn)
-      module already imported  --> fn(module) now
-      not yet                  --> a finder on sys.meta_path wraps the loader the other
-                                   finders give that module; once the module has executed,
-                                   fn(module) runs, and the finder leaves sys.meta_path
-                                   when nothing waits any more
+      module imported already      --> fn(module) now
+      not yet (or being imported   --> a finder on sys.meta_path wraps the loader the other
+      through a loader we wrapped)     finders give that module; once the module has
+                                       executed, fn(module) runs
+  forget("joblib.parallel", fn)    --> fn no longer waits; the finder leaves sys.meta_path
+                                       as soon as nothing waits for any module
 
 A function that raises is logged, never breaks the user's import.
 """
@@ -23,15 +25,18 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 if TYPE_CHECKING:
     import importlib.machinery
 
-_lock = threading.Lock()
-_waiting: dict[str, list[Callable[[types.ModuleType], None]]] = {}
+Hook = Callable[[types.ModuleType], None]
+
+_lock = threading.RLock()
+_waiting: dict[str, list[Hook]] = {}
+_wrapped: set[str] = set()  # modules whose loader we wrapped and that have not finished yet
 
 
-def after_import(name: str, fn: Callable[[types.ModuleType], None]) -> None:
+def after_import(name: str, fn: Hook) -> None:
     """Call ``fn(module)`` once the module ``name`` has been imported (now if it is)."""
     with _lock:
         module = sys.modules.get(name)
-        if module is None or getattr(getattr(module, "__spec__", None), "_initializing", False):
+        if module is None or name in _wrapped:
             _waiting.setdefault(name, []).append(fn)
             if _finder not in sys.meta_path:
                 sys.meta_path.insert(0, _finder)
@@ -39,16 +44,35 @@ def after_import(name: str, fn: Callable[[types.ModuleType], None]) -> None:
     _call(fn, module)
 
 
-def _call(fn: Callable[[types.ModuleType], None], module: types.ModuleType) -> None:
+def forget(name: str, fn: Hook) -> None:
+    """``fn`` no longer waits for ``name`` (nothing if it was not waiting)."""
+    with _lock:
+        hooks = _waiting.get(name, [])
+        if fn in hooks:
+            hooks.remove(fn)
+        if not hooks:
+            _waiting.pop(name, None)
+        if not _waiting and _finder in sys.meta_path:
+            sys.meta_path.remove(_finder)
+
+
+def waiting(name: str) -> bool:
+    """Whether anything waits for the import of ``name``."""
+    return bool(_waiting.get(name))
+
+
+def _call(fn: Hook, module: types.ModuleType) -> None:
     try:
         fn(module)
     except Exception:
         import logging  # not at import: ``import minidist`` stays cheap
-        logging.getLogger("minidist.import_hooks").exception("hook for the import of %s failed", module.__name__)
+        logging.getLogger("minidist.import_hooks").exception(
+            "hook for the import of %s failed", module.__name__)
 
 
 def _fire(module: types.ModuleType) -> None:
     with _lock:
+        _wrapped.discard(module.__name__)
         hooks = _waiting.pop(module.__name__, [])
         if not _waiting and _finder in sys.meta_path:
             sys.meta_path.remove(_finder)
@@ -66,7 +90,12 @@ class _ThenCall:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
-        self.loader.exec_module(module)
+        try:
+            self.loader.exec_module(module)
+        except BaseException:
+            with _lock:
+                _wrapped.discard(module.__name__)
+            raise
         module.__loader__ = module.__spec__.loader = self.loader
         _fire(module)
 
@@ -88,6 +117,8 @@ class _OnImport:
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
                     spec.loader = _ThenCall(spec.loader)
+                    with _lock:
+                        _wrapped.add(name)
                 return spec
         return None
 

@@ -386,7 +386,8 @@ later = Client({cluster.address!r})
 assert dask.config.get('scheduler') == later.get
 later.close()
 assert dask.config.get('scheduler', None) is None
-assert not any(type(f).__module__ == 'minidist.default_scheduler' for f in sys.meta_path)
+from minidist import import_hooks
+assert not import_hooks.waiting('dask.config')
 print('ok')
 """
     run_script(cluster, script)
@@ -397,11 +398,12 @@ def test_closing_every_waiting_client_removes_the_import_hook(cluster):
 import sys
 from minidist import Client
 clients = [Client({cluster.address!r}) for _ in range(2)]
-hooks = [f for f in sys.meta_path if type(f).__module__ == 'minidist.default_scheduler']
-assert len(hooks) == 1, sys.meta_path
+from minidist import import_hooks
+assert import_hooks.waiting('dask.config')
 for client in clients:
     client.close()
-assert not any(type(f).__module__ == 'minidist.default_scheduler' for f in sys.meta_path)
+from minidist import import_hooks
+assert not import_hooks.waiting('dask.config')
 import dask
 assert dask.config.get('scheduler', None) is None
 print('ok')

@@ -152,8 +152,10 @@ def test_a_script_whose_functions_live_in_main(tmp_path):
 
 
 def test_the_backend_is_named_when_joblib_is_imported_after_minidist():
-    code = ("import minidist, joblib.parallel as p; "
-            "print('minidist' in p.BACKENDS)")
+    code = ("import sys, minidist, joblib.parallel as p; "
+            "from minidist import import_hooks as h; "
+            "print('minidist' in p.BACKENDS, h._finder in sys.meta_path)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)
-    assert out.stdout.strip() == "True", out.stderr
+    # and once nothing waits for an import any more, the finder is gone
+    assert out.stdout.split() == ["True", "False"], out.stderr
