@@ -113,6 +113,17 @@ def c(cluster):
         client.close()
 
 
+@pytest.fixture(params=["Executor", "Client"])
+def session(request, cluster):
+    """An Executor, then a Client (the same test runs with each), on the module's cluster."""
+    kind = {"Executor": Executor, "Client": Client}[request.param]
+    s = kind(cluster)
+    try:
+        yield s
+    finally:
+        s.shutdown()
+
+
 def reap(popen: subprocess.Popen) -> None:
     """Kill ``popen`` if it still runs, wait for it, and close its pipes."""
     if popen.poll() is None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from minidist import Client, Executor
+from minidist import Client
 from gates import wait_for_file
 
 
@@ -16,16 +16,6 @@ def inc(x):
 
 def boom(x):
     raise ZeroDivisionError(f"boom {x}")
-
-
-@pytest.fixture(params=["Executor", "Client"])
-def session(request, cluster):
-    kind = {"Executor": Executor, "Client": Client}[request.param]
-    s = kind(cluster)
-    try:
-        yield s
-    finally:
-        s.shutdown()
 
 
 def test_await_a_future(session):

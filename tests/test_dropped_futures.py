@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from minidist import Client, Executor
+from minidist import Executor
 from conftest import wait_for
 from gates import wait_for_file
 
@@ -37,17 +37,6 @@ def flag(tmp_path):
     path = str(tmp_path / "flag")
     yield path
     open(path, "w").close()
-
-
-@pytest.fixture(params=["Executor", "Client"])
-def session(request, cluster):
-    """An Executor, then a Client, on the module's cluster."""
-    kind = {"Executor": Executor, "Client": Client}[request.param]
-    s = kind(cluster)
-    try:
-        yield s
-    finally:
-        s.close() if hasattr(s, "close") else s.shutdown()
 
 
 def test_callback_of_a_dropped_pending_future_runs(session, flag):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from joblib import Parallel, delayed
 
-from minidist import Client, Executor
 
 
 def square(x):
@@ -36,16 +35,6 @@ def nested(n):
 
 def worker_pid(_):
     return os.getpid()
-
-
-@pytest.fixture(params=["Executor", "Client"])
-def session(request, cluster):
-    kind = {"Executor": Executor, "Client": Client}[request.param]
-    s = kind(cluster)
-    try:
-        yield s
-    finally:
-        s.shutdown()
 
 
 def test_parallel_runs_on_the_newest_session(session, cluster):
