@@ -882,7 +882,7 @@ class Executor(concurrent.futures.Executor):
             return next(iter(futures.values()))
         return list(futures.values())
 
-    def _target_workers(self, workers: Any) -> list[str]:
+    def _target_workers(self, workers: Any, purpose: str = "scatter to") -> list[str]:
         nthreads = self._center("nthreads")
         if workers is not None:
             wanted = {workers} if isinstance(workers, str) else set(workers)
@@ -891,7 +891,7 @@ class Executor(concurrent.futures.Executor):
                         if a in wanted or info[a]["name"] in wanted
                         or a.rpartition(":")[0] in wanted}
         if not nthreads:
-            raise ValueError("no workers to scatter to" +
+            raise ValueError(f"no workers to {purpose}" +
                              (f" among {workers!r}" if workers is not None else ""))
         return sorted(nthreads)
 
@@ -923,7 +923,7 @@ class Executor(concurrent.futures.Executor):
             return address, self._pool.call(address, "run", call=call)
 
         results = {}
-        for address, reply in self._map_parallel(one, self._target_workers(workers)):
+        for address, reply in self._map_parallel(one, self._target_workers(workers, "run on")):
             if reply["status"] != "OK":
                 exc = unpack_exception(reply["exception"], reply["traceback"])
                 exc.add_note(f"raised by {funcname(fn)} on the worker {address}")

@@ -35,6 +35,8 @@ def test_run_calls_every_worker_now(cluster, c):
     assert c.run(add, 1, b=2) == {w.address: 3 for w in cluster.workers}
     one = cluster.workers[0].address
     assert c.run(pid, workers=[one]) == {one: cluster.workers[0].pid}
+    with pytest.raises(ValueError, match="no workers to run on"):
+        c.run(pid, workers=["nowhere:1"])
 
 
 def test_run_raises_naming_the_worker_and_the_cluster_keeps_serving(cluster, c):
