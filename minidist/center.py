@@ -52,7 +52,8 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 from . import wire
 from .cli import DefaultsHelpFormatter, add_common_args, run_until_signalled, start_process

@@ -39,7 +39,8 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from . import wire
 from .executor import close_shared_sessions, local_cluster_security
@@ -49,7 +50,7 @@ from .wire import Security
 
 logger = logging.getLogger("minidist.cluster")
 
-_clusters: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
+_clusters: weakref.WeakSet[LocalCluster] = weakref.WeakSet()
 
 
 class Process:
@@ -195,7 +196,7 @@ class LocalCluster:
         with self._lock:
             if requested or self._closed or not all(c.gone for c in self.workers):
                 return
-            reasons = "; ".join(f"{c.address or 'pid %d' % c.pid} {c.end_reason}"
+            reasons = "; ".join(f"{c.address or f'pid {c.pid}'} {c.end_reason}"
                                 for c in self.workers)
         for callback in list(self.on_workers_lost):
             try:
@@ -227,7 +228,7 @@ class LocalCluster:
                     if self._parse_ready(proc, buffers[fd], self):
                         sel.unregister(fd)
                         del waiting[fd]
-                for fd, proc in list(waiting.items()):
+                for proc in list(waiting.values()):
                     if not proc.alive():
                         raise RuntimeError(f"{proc.role} exited with code "
                                            f"{proc.popen.returncode} before it was ready")

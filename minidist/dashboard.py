@@ -15,7 +15,8 @@ Every request handler reads the cached snapshot; only when it is older
 than ``REFRESH_SECONDS`` does one of them refresh it, through the center's
 query path, so the scheduler thread runs one short read however many pages
 poll.  A refresh that cost more CPU than ``MAX_SHARE`` of that interval
-stretches the interval, so watching never costs the center more.  Every run counts in the totals per prefix; the newest
+stretches the interval, so watching never costs the center more.  Every
+run counts in the totals per prefix; the newest
 ``STREAM_SAMPLE`` runs of each refresh are kept here, in a ring of
 ``PAGE_RUNS`` numbered records, for the task stream: the page asks for
 those after the last number it has.
@@ -44,7 +45,8 @@ import threading
 import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
 from urllib.parse import parse_qs, urlsplit
 
 from .task import key_name

@@ -36,7 +36,8 @@ import logging
 import sys
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from .executor import Executor, shared_session
 from .task import HasKey, RunSpec, TaskRef, serialize_function
@@ -225,7 +226,7 @@ class _Converter:
             return _Seq(node.klass, [self.arg(a) for a in node.args])
         if typ is spec.Dict:
             items = [self.arg(a) for a in node.args]
-            return _Map(list(zip(items[::2], items[1::2])))
+            return _Map(list(zip(items[::2], items[1::2], strict=False)))
         values = _Map([(k, self.ref(k)) for k in node.dependencies])
         return _Call(_call_node, (node, values), {})
 
@@ -384,7 +385,7 @@ def submit_graph(session: Executor, dsk: Any, keys: list, private: bool = False)
     tag = uuid.uuid4().hex if private else None
     tasks, ordered = graph_to_tasks(dsk, list(dict.fromkeys(keys)), tag)
     cluster_keys = ordered if tag is None else [private_key(k, tag) for k in ordered]
-    return dict(zip(ordered, session._send_tasks(tasks, cluster_keys)))
+    return dict(zip(ordered, session._send_tasks(tasks, cluster_keys), strict=True))
 
 
 # ---------------------------------------------------------------------------
@@ -417,7 +418,7 @@ def get_with(session: Executor, dsk: Any, keys: Any) -> Any:
     flat = list(dict.fromkeys(_flatten_keys(keys)))
     futures = submit_graph(session, dsk, flat, private=True)
     try:
-        values = dict(zip(futures, session.gather(list(futures.values()))))
+        values = dict(zip(futures, session.gather(list(futures.values())), strict=True))
     finally:
         session._release(futures.values())
     return _nest(keys, values)

@@ -44,7 +44,8 @@ import uuid
 import weakref
 from concurrent.futures import CancelledError
 from concurrent.futures._base import FINISHED, PENDING, RUNNING
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
 
 from . import wire
 from .default_scheduler import register_default_scheduler, unregister_default_scheduler
@@ -80,8 +81,8 @@ def _load(key: Any, blob: wire.Serialized) -> Any:
         if isinstance(e, Exception):
             e.add_note(f"while unpickling the result of {key!r} in this process")
         return _Unloadable(e)
-_sessions: "weakref.WeakSet[Executor]" = weakref.WeakSet()
-_opened: "list[weakref.ref[Executor]]" = []
+_sessions: weakref.WeakSet[Executor] = weakref.WeakSet()
+_opened: list[weakref.ref[Executor]] = []
 """Every session of this process in the order they opened (dead ones pruned as met)."""
 local_cluster_security: dict[str, Security] = {}
 """Security of the LocalClusters this process started, by address (their keys are random)."""
@@ -547,8 +548,9 @@ class Executor(concurrent.futures.Executor):
 
         Futures among the arguments (also inside lists, tuples and dicts)
         become dependencies.  ``key=`` names the result, ``pure=False``
-        makes a fresh key for every call (default: the session's ``pure``), ``workers=`` restricts where it
-        may run (addresses, names or hosts), ``retries=`` reruns it on error.
+        makes a fresh key for every call (default: the session's ``pure``),
+        ``workers=`` restricts where it may run (addresses, names or hosts),
+        ``retries=`` reruns it on error.
         """
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
@@ -564,7 +566,7 @@ class Executor(concurrent.futures.Executor):
         named = {}  # explicitly named key -> token of its task
         fresh_ids = None if pure else _uuid4s()
         futures: list[Future] = []
-        for (args, kwargs), key in zip(calls, keys or itertools.repeat(None)):
+        for (args, kwargs), key in zip(calls, keys or itertools.repeat(None), strict=False):
             try:
                 spec, deps = pack(fn, args, kwargs)
             except wire.SerializationError as e:
@@ -657,7 +659,7 @@ class Executor(concurrent.futures.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else time.monotonic() + timeout
-        calls = list(zip(*iterables))
+        calls = list(zip(*iterables, strict=False))
         if chunksize > 1:
             chunks = [calls[i:i + chunksize] for i in range(0, len(calls), chunksize)]
             futures = self._submit_many(_run_chunk, [((fn, c), {}) for c in chunks],
@@ -1061,7 +1063,7 @@ class Executor(concurrent.futures.Executor):
                 results[key] = _load(key, value)
             located = {k for ks in by_worker.values() for k in ks}
             failed = [k for k in remaining if k not in located and k not in inline]
-            for address, got, missing in self._map_parallel(
+            for _address, got, missing in self._map_parallel(
                     lambda item: self._get_data(*item), list(by_worker.items())):
                 results.update(got)
                 failed.extend(missing)
@@ -1419,7 +1421,7 @@ class Client(Executor):
         raises here, and the calls sent before it are cancelled.
         """
         opts = {"workers": workers, "retries": retries} if workers or retries else None
-        calls = [(args, kwargs) for args in zip(*iterables)]
+        calls = [(args, kwargs) for args in zip(*iterables, strict=False)]
         keys = key if isinstance(key, (list, tuple)) else None
         return self._submit_many(fn, calls, keys, self.pure if pure is None else pure, opts)
 

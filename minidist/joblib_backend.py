@@ -26,7 +26,8 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import threading
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
 
@@ -115,7 +116,7 @@ class MinidistBackend(AutoBatchingMixin, ParallelBackendBase):
         new = [obj for obj in objects if id(obj) not in self._scattered]
         if new:
             futures = self.client.scatter(new)
-            for obj, future in zip(new, futures):
+            for obj, future in zip(new, futures, strict=True):
                 self._scattered[id(obj)] = (obj, future)  # obj kept: its id stays its own
 
     def _swap(self, value: Any, slots: dict[int, int], futures: list) -> Any:

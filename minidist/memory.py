@@ -89,7 +89,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import MutableMapping
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 from . import wire
 
@@ -347,8 +348,7 @@ def _libc() -> Any:
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # glibc only (musl has none)
-        libc.mallopt
+        _ = libc.malloc_trim, libc.mallopt  # glibc only (musl has none)
     except (OSError, AttributeError):
         return None
     return libc
@@ -459,7 +459,7 @@ def _read_frames(spilled: _Spilled) -> wire.Serialized:
             raise SpillError(f"spill file {spilled.name} is damaged: {size} bytes, expected "
                              f"{_COUNT.size + 8 * count + sum(sizes)}")
         frames = [_read_frame(f, n, flags) for n, flags in
-                  zip(sizes, (length & _FLAGS for length in lengths))]
+                  zip(sizes, (length & _FLAGS for length in lengths), strict=True)]
     return wire.Serialized(frames[0], frames[1:])
 
 

@@ -58,7 +58,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 logger = logging.getLogger("minidist.nanny")
 

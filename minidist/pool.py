@@ -32,7 +32,8 @@ import multiprocessing
 import threading
 import weakref
 from concurrent.futures import CancelledError
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 from .executor import Executor, Future, shared_session
 from .task import HasKey, collect, key_name
@@ -41,7 +42,8 @@ logger = logging.getLogger("minidist.pool")
 
 
 class RemoteData(HasKey):
-    """A value that lives on a worker: ``.key``, ``.get()``; pass it to ``map``/``apply``/``submit``."""
+    """A value that lives on a worker: ``.key``, ``.get()``; pass it to ``map``, ``apply``
+    or ``submit``."""
 
     __dask_future__ = True  # dask treats it as a reference to its key
 
@@ -264,7 +266,7 @@ class Pool:
             by_session.setdefault(handle._future._session, []).append(handle._future)
         values: dict = {}
         for session, futures in by_session.items():
-            values.update(zip((f.key for f in futures), session.gather(futures)))
+            values.update(zip((f.key for f in futures), session.gather(futures), strict=True))
         return _replace(data, values)
 
     # ------------------------------------------------------------------ lifecycle

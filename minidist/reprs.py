@@ -7,7 +7,8 @@ line.  Every value is escaped, so a key or an address cannot inject markup.
 from __future__ import annotations
 
 import html
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 
 def html_table(title: str, rows: Iterable[tuple[str, Any]]) -> str:

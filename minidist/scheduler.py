@@ -79,7 +79,8 @@ import heapq
 import logging
 from collections import deque
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 from .history import History
 from .serialize import Serialized, serialize
@@ -240,7 +241,7 @@ def _same_bytes(a: Serialized, b: Serialized) -> bool:
     if len(a.buffers) != len(b.buffers) or memoryview(a.header) != memoryview(b.header):
         return False
     return all(memoryview(x).cast("B") == memoryview(y).cast("B")
-               for x, y in zip(a.buffers, b.buffers))
+               for x, y in zip(a.buffers, b.buffers, strict=False))
 
 
 def _add(ts: TaskState, attr: str, item: Any) -> None:

@@ -23,7 +23,8 @@ import sys
 import threading
 import types
 from collections import ChainMap
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 OOB_THRESHOLD = 2048  # buffers smaller than this stay inside the pickle
 

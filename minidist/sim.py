@@ -52,7 +52,8 @@ import sys
 import time
 import tracemalloc
 from collections import deque
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from .scheduler import (ERRED, LOST, MEMORY, NO_WORKER, PROCESSING, QUEUED, STATES, WAITING,
                         Scheduler)
@@ -862,7 +863,7 @@ def check_invariants(sim: Simulation) -> None:
                     fail(f"{ts!r} waits on {dep!r}, which nothing will compute")
         elif state == WAITING:
             fail(f"{ts!r} waits on nothing but is not ready")
-    for address, ws in workers.items():
+    for ws in workers.values():
         for ts in ws.processing:
             if ts.state != PROCESSING or ts.worker is not ws:
                 fail(f"{ws.address} processes {ts!r} (worker {ts.worker!r})")

@@ -40,7 +40,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from . import wire
 from .cli import DefaultsHelpFormatter, StopFlag, configure_logging, ignore_stop_signals

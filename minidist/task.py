@@ -36,7 +36,8 @@ import traceback
 import types
 import warnings
 import weakref
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from .serialize import Serialized, deserialize, pickled_by_value, serialize, shipped_source
 
@@ -227,7 +228,7 @@ def find_refs(obj: Any, deps: dict) -> Any:
     return obj if items is None else typ(items)
 
 
-_func_cache: "weakref.WeakKeyDictionary[Any, Serialized]" = weakref.WeakKeyDictionary()
+_func_cache: weakref.WeakKeyDictionary[Any, Serialized] = weakref.WeakKeyDictionary()
 """Pickled functions by function, held weakly: a cached bound method must not keep
 its object alive once the caller has let go of it."""
 

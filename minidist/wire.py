@@ -58,7 +58,8 @@ import threading
 import time
 import weakref
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
 
 from .serialize import (OOB_THRESHOLD, SerializationError, Serialized,  # noqa: F401 (re-exported)
                         deserialize, dumps, loads, pickled_by_value, serialize, shipped_source)
@@ -480,7 +481,7 @@ def read_frames(rfile: Any, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     if max(sizes) > max_frame_bytes or sum(sizes) > 4 * max_frame_bytes:
         raise ProtocolError(f"frame of {max(sizes)} bytes exceeds limit {max_frame_bytes}")
     frames = []
-    for length, size in zip(lengths, sizes):
+    for length, size in zip(lengths, sizes, strict=False):
         if length & _WRITABLE:
             buf = bytearray(size) if length & _BYTEARRAY else fresh_buffer(size)
             if sock is not None and size >= LOWAT_FRAME_BYTES:
@@ -1053,7 +1054,7 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 512
 
-    def __init__(self, address: tuple[str, int], owner: "Server",
+    def __init__(self, address: tuple[str, int], owner: Server,
                  sock: socket.socket | None = None) -> None:
         self.owner = owner
         super().__init__(address, _Handler, bind_and_activate=sock is None)

@@ -61,7 +61,8 @@ import threading
 import time
 from concurrent.futures import Future as _Future
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from . import wire
 from .cli import (DefaultsHelpFormatter, add_common_args, run_until_signalled, start_process,
