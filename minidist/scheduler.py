@@ -29,6 +29,12 @@ Tables: ``tasks`` (key -> TaskState), ``workers`` (address -> WorkerState,
 each with ``processing`` and ``has_what``), ``clients`` (id -> ClientState,
 each with the keys it wants).  ``who_has`` is ``TaskState.who_has``.
 
+A task's state changes only through ``_transition``, checked against the
+table ``TRANSITIONS`` (a forbidden change raises ``InvalidTransition`` under
+the simulator and in the tests' centers, and is logged elsewhere), and
+``validate()`` checks that every table agrees with every other: the
+simulator calls it after every event.
+
 Life of one task, ``e.submit(inc, 1)``:
 
 1. The client packs the call into a RunSpec under the key ``inc-<token>``
@@ -77,6 +83,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 from collections import deque
 from types import MappingProxyType
 from typing import Any
@@ -93,6 +100,53 @@ RELEASED, WAITING, QUEUED, PROCESSING, MEMORY, ERRED, LOST, NO_WORKER = (
     "released", "waiting", "queued", "processing", "memory", "erred", "lost", "no-worker")
 SCHEDULED = (QUEUED, PROCESSING, NO_WORKER)
 STATES = frozenset({RELEASED, WAITING, QUEUED, PROCESSING, MEMORY, ERRED, LOST, NO_WORKER})
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    RELEASED: frozenset({RELEASED, WAITING, QUEUED, PROCESSING, NO_WORKER, MEMORY, ERRED, LOST}),
+    WAITING: frozenset({QUEUED, PROCESSING, NO_WORKER, RELEASED}),
+    QUEUED: frozenset({QUEUED, PROCESSING, RELEASED}),
+    PROCESSING: frozenset({PROCESSING, MEMORY, RELEASED}),
+    NO_WORKER: frozenset({QUEUED, PROCESSING, RELEASED}),
+    MEMORY: frozenset({RELEASED, ERRED}),
+    ERRED: frozenset({ERRED, RELEASED, MEMORY}),
+    LOST: frozenset({LOST, RELEASED, MEMORY, ERRED}),
+}
+"""The state changes a task may make: ``TRANSITIONS[old]`` holds the allowed new states.
+
+Every change goes through ``_transition``.  A task leaves the scheduled
+states (waiting, queued, processing, no-worker) for memory or an error only
+through ``released`` (``_unschedule``), except a task whose own worker
+reports it finished (processing -> memory); ``processing -> processing`` is a
+steal, ``queued -> queued`` a move between queues.
+"""
+
+
+class InvalidTransition(AssertionError):
+    """A task was asked to change state in a way ``TRANSITIONS`` does not allow."""
+
+
+class InvariantError(AssertionError):
+    """``Scheduler.validate`` found tables that disagree."""
+
+
+STRICT = bool(os.environ.get("MINIDIST_STRICT_TRANSITIONS"))
+"""Raise ``InvalidTransition`` on a forbidden change (the simulator, and the centers the
+tests start); else log it once per kind of change and go on."""
+
+_reported: set[tuple[str, str]] = set()
+
+
+def _transition(ts: TaskState, new: str) -> None:
+    """Move ``ts`` to state ``new``, checked against ``TRANSITIONS``."""
+    old = ts.state
+    if new not in TRANSITIONS[old]:
+        if STRICT:
+            raise InvalidTransition(f"{ts!r}: {old} -> {new} is not allowed")
+        if (old, new) not in _reported:
+            _reported.add((old, new))
+            logger.error("task %s went %s -> %s, which is not an allowed transition",
+                         key_name(ts.key), old, new)
+    ts.state = new
 
 STEAL_BYTES = 1 << 20
 """An idle worker may take a task from another's long backlog if its inputs are this small."""
@@ -369,6 +423,8 @@ class Scheduler:
                 try:
                     op = msg.pop("op", None)
                     ops[op](ws, **msg)
+                except InvalidTransition:
+                    raise  # only raised when STRICT: a bug of the scheduler, not of the sender
                 except Exception:
                     logger.exception("bad message from worker %s: %.200r", address, msg)
                 if self.workers.get(address) is not ws:
@@ -414,6 +470,8 @@ class Scheduler:
                 try:
                     op = msg.pop("op", None)
                     ops[op](cs, **msg)
+                except InvalidTransition:
+                    raise  # only raised when STRICT: a bug of the scheduler, not of the sender
                 except Exception:
                     logger.exception("bad message from client %s: %.200r", client_id[:8], msg)
         return self._done()
@@ -486,7 +544,7 @@ class Scheduler:
         for ts in list(self.no_worker):
             if ws.matches(ts.restrictions):
                 del self.no_worker[ts]
-                ts.state = RELEASED
+                _transition(ts, RELEASED)
                 self._activate([ts])
         self._dirty[ws] = None
 
@@ -531,7 +589,7 @@ class Scheduler:
         ws.has_what = {}
         for i, ts in enumerate(list(ws.processing)):
             ts.worker = None
-            ts.state = RELEASED
+            _transition(ts, RELEASED)
             if i < ws.nthreads:  # the first nthreads were running, the rest prefetched
                 ts.suspicious += 1
                 if ts.suspicious >= self.allowed_failures:
@@ -542,7 +600,7 @@ class Scheduler:
         for ts in ws.pending:
             if ts.state == QUEUED and ts.worker is ws:
                 ts.worker = None
-                ts.state = RELEASED
+                _transition(ts, RELEASED)
                 restart.append(ts)
         ws.pending.clear()
         self._activate(restart)
@@ -584,7 +642,7 @@ class Scheduler:
 
     def _to_memory(self, ts: TaskState, ws: WorkerState, value: Serialized | None = None) -> None:
         """``ts`` is held by ``ws``; tell its clients (a small ``value`` is passed on unopened)."""
-        ts.state = MEMORY
+        _transition(ts, MEMORY)
         ts.waiting_on = None
         self._add_holder(ts, ws)
         ready = []
@@ -640,7 +698,7 @@ class Scheduler:
         if ts.retries > 0:
             ts.retries -= 1
             logger.info("task %s failed, retrying (%d retries left)", key_name(key), ts.retries)
-            ts.state = RELEASED
+            _transition(ts, RELEASED)
             self._activate([ts])
             return
         if warnings:
@@ -668,7 +726,7 @@ class Scheduler:
                 self._post(holder.stream, {"op": "delete_data", "keys": [dep]})
             if not dts.who_has and dts.state == MEMORY:
                 # Every copy is gone though the holders still run: recompute or lose it.
-                dts.state = RELEASED
+                _transition(dts, RELEASED)
                 if dts.spec is None:
                     self._lose(dts, f"key {key_name(dep)!r} could not be fetched from "
                                     f"{', '.join(holders)} and has no task to recompute it")
@@ -707,7 +765,7 @@ class Scheduler:
             ts.who_has.pop(ws, None)
         if ts.who_has or ts.state != MEMORY:
             return False
-        ts.state = RELEASED
+        _transition(ts, RELEASED)
         if not ts.needed():
             self._forget_if_unreferenced(ts)
             return False
@@ -782,7 +840,7 @@ class Scheduler:
             if ts is None:
                 if adopt:
                     ts = self.tasks[key] = TaskState(key, None)
-                    ts.state = MEMORY
+                    _transition(ts, MEMORY)
                     ts.nbytes = nbytes
                     self._add_holder(ts, ws)
                 else:
@@ -854,7 +912,7 @@ class Scheduler:
             self._assign(ts, thief)
         else:
             ts.worker = None
-            ts.state = RELEASED
+            _transition(ts, RELEASED)
             self._activate([ts])
 
     def _steal_for(self, thief: WorkerState) -> TaskState | None:
@@ -902,7 +960,7 @@ class Scheduler:
                 ts = self.tasks[key] = TaskState(key, spec)
             elif ts.spec is None and spec is not None and ts.state in (RELEASED, LOST):
                 ts.spec = spec  # a key known only as data gains lineage
-                ts.state = RELEASED
+                _transition(ts, RELEASED)
             else:
                 continue
             new.append((ts, dep_keys, opts))
@@ -912,7 +970,7 @@ class Scheduler:
                 dts = self.tasks.get(k)
                 if dts is None:
                     dts = self.tasks[k] = TaskState(k, None)
-                    dts.state = LOST
+                    _transition(dts, LOST)
                     dts.tb = f"key {key_name(k)!r} is not known to the center (released or lost)"
                     dts.exc = serialize(LostKeyError(dts.tb))
                 deps.append(dts)
@@ -1091,7 +1149,7 @@ class Scheduler:
                 waiting_on.add(dep)
                 if dep.state == RELEASED:
                     released = [dep] if released is None else released + [dep]
-        ts.state = WAITING
+        _transition(ts, WAITING)
         ts.waiting_on = waiting_on
         if waiting_on is None:
             self._ready(ts)
@@ -1106,7 +1164,7 @@ class Scheduler:
         if ts.restrictions is not None:
             candidates = [ws for ws in self.workers.values() if ws.matches(ts.restrictions)]
             if not candidates:
-                ts.state = NO_WORKER
+                _transition(ts, NO_WORKER)
                 self.no_worker[ts] = self.now
                 return
         elif not ts.deps:
@@ -1192,21 +1250,21 @@ class Scheduler:
         return sum(dep.nbytes for dep in ts.deps if ws not in (dep.who_has or ()))
 
     def _queue_anywhere(self, ts: TaskState) -> None:
-        ts.state = QUEUED
+        _transition(ts, QUEUED)
         ts.worker = None
         self.queued.append(ts)
         if not self.workers and self.no_workers_timeout is not None:
             self._starved.setdefault(ts, self.now)
 
     def _queue_on(self, ts: TaskState, ws: WorkerState) -> None:
-        ts.state = QUEUED
+        _transition(ts, QUEUED)
         ts.worker = ws
         ws.pending.append(ts)
         if ws.backlogged():
             self._backlogged[ws] = None
 
     def _assign(self, ts: TaskState, ws: WorkerState) -> None:
-        ts.state = PROCESSING
+        _transition(ts, PROCESSING)
         ts.worker = ws
         if not ws.processing:
             ws.last_progress = self.now
@@ -1298,7 +1356,7 @@ class Scheduler:
             self.no_worker.pop(ts, None)
         ts.worker = None
         ts.waiting_on = None
-        ts.state = RELEASED
+        _transition(ts, RELEASED)
 
     def _set_erred(self, ts: TaskState, exc: Serialized | None, tb: str | None) -> None:
         """Mark ``ts`` and every dependent waiting on it as erred with the same error."""
@@ -1307,7 +1365,7 @@ class Scheduler:
             t = stack.pop()
             if t.state in (PROCESSING, QUEUED, NO_WORKER, WAITING):
                 self._unschedule(t)
-            t.state = ERRED
+            _transition(t, ERRED)
             t.exc, t.tb = exc, tb
             if t.who_wants:
                 msg = {"op": "erred", "key": t.key, "exception": exc, "traceback": tb}
@@ -1329,7 +1387,7 @@ class Scheduler:
         exc = serialize(LostKeyError(reason))
         waiters = list(ts.waiters or ())
         ts.waiters = None
-        ts.state = LOST
+        _transition(ts, LOST)
         ts.exc, ts.tb = exc, reason
         for cid in ts.who_wants or ():
             self._post(self.clients[cid].stream, {"op": "lost", "key": ts.key, "reason": reason})
@@ -1351,7 +1409,7 @@ class Scheduler:
                     ws.nbytes -= t.nbytes
                     self._post(ws.stream, msg)
                 t.who_has = None
-                t.state = RELEASED
+                _transition(t, RELEASED)
             elif t.state in SCHEDULED or t.state == WAITING:
                 self._unschedule(t)
                 for dep in t.deps:
@@ -1374,6 +1432,92 @@ class Scheduler:
                 stack.append(dep)
 
     # ------------------------------------------------------------------ queries
+
+    def validate(self) -> None:
+        """Check that every table agrees with every other; ``InvariantError`` names the first
+        disagreement.  The simulator calls it after every event."""
+        tasks, workers, clients = self.tasks, self.workers, self.clients
+        for key, ts in tasks.items():
+            if ts.key != key:
+                raise InvariantError(f"{ts!r} filed under {key!r}")
+            state = ts.state
+            if state not in STATES:
+                raise InvariantError(f"{ts!r} has an unknown state")
+            if state == MEMORY and not ts.who_has:
+                raise InvariantError(f"{ts!r} in memory with no holder")
+            if state != MEMORY and ts.who_has:
+                raise InvariantError(f"{ts!r} not in memory but held by {list(ts.who_has)}")
+            for ws in ts.who_has or ():
+                if workers.get(ws.address) is not ws:
+                    raise InvariantError(f"{ts!r} held by removed worker {ws.address}")
+                if ts not in ws.has_what:
+                    raise InvariantError(f"who_has/has_what disagree: {ts!r} says "
+                                         f"{ws.address} holds it")
+            ws = ts.worker
+            if state == PROCESSING:
+                if ws is None or workers.get(ws.address) is not ws:
+                    raise InvariantError(f"{ts!r} assigned to a removed worker {ws!r}")
+                if ts not in ws.processing:
+                    raise InvariantError(f"{ts!r} not in the processing of {ws.address}")
+            elif state == QUEUED:
+                if ws is not None and workers.get(ws.address) is not ws:
+                    raise InvariantError(f"{ts!r} queued for a removed worker {ws.address}")
+            elif ws is not None:
+                raise InvariantError(f"{ts!r} names worker {ws.address}")
+            if (state == NO_WORKER) != (ts in self.no_worker):
+                raise InvariantError(f"{ts!r} and the no-worker table disagree")
+            if state in (ERRED, LOST) and ts.exc is None:
+                raise InvariantError(f"{ts!r} has no error")
+            for cid in ts.who_wants or ():
+                cs = clients.get(cid)
+                if cs is None or ts not in cs.wants:
+                    raise InvariantError(f"{ts!r} wanted by {cid}, which does not hold it")
+            if state in (WAITING, QUEUED, PROCESSING, NO_WORKER):
+                for dep in ts.deps:
+                    if tasks.get(dep.key) is not dep:
+                        raise InvariantError(f"{ts!r} needs {dep!r}, which was forgotten")
+                    if not dep.waiters or ts not in dep.waiters:
+                        raise InvariantError(f"{ts!r} needs {dep!r} but is not among its waiters")
+            if state == WAITING and ts.waiting_on:
+                for dep in ts.waiting_on:
+                    if dep.state == MEMORY:
+                        raise InvariantError(f"{ts!r} waits on {dep!r}, which is in memory")
+                    elif dep.state not in (WAITING, QUEUED, PROCESSING, NO_WORKER):
+                        raise InvariantError(f"{ts!r} waits on {dep!r}, which nothing will compute")
+            elif state == WAITING:
+                raise InvariantError(f"{ts!r} waits on nothing but is not ready")
+        for ws in workers.values():
+            for ts in ws.processing:
+                if ts.state != PROCESSING or ts.worker is not ws:
+                    raise InvariantError(f"{ws.address} processes {ts!r} (worker {ts.worker!r})")
+                if tasks.get(ts.key) is not ts:
+                    raise InvariantError(f"{ws.address} processes forgotten {ts!r}")
+            nbytes = 0
+            for ts in ws.has_what:
+                nbytes += ts.nbytes
+                if ws not in (ts.who_has or ()):
+                    raise InvariantError(f"who_has/has_what disagree: {ws.address} says it "
+                                         f"holds {ts!r}")
+                if tasks.get(ts.key) is not ts:
+                    raise InvariantError(f"{ws.address} holds forgotten {ts!r}")
+            if nbytes != ws.nbytes:
+                raise InvariantError(f"{ws.address} counts {ws.nbytes} bytes, holds {nbytes}")
+        valid_free = {e[2] for e in self._free
+                      if e is e[2].free_entry and e[0] == e[2].occupancy()}
+        for ws in workers.values():  # the placement indexes find every candidate
+            if ws.has_slot() and ws not in valid_free:
+                raise InvariantError(f"{ws.address} has a free slot but is not among the free "
+                                     "workers")
+            if ws.backlogged() and ws not in self._backlogged:
+                raise InvariantError(f"{ws.address} has a backlog but is not among the backlogged")
+            since = ws.stalled_since()
+            if since is not None:
+                if ws not in self._prefetched:
+                    raise InvariantError(f"{ws.address} has prefetched tasks but is not among "
+                                         "the prefetched")
+                if since < self._no_stall_before:
+                    raise InvariantError(f"{ws.address} stalls at {since} before the bound "
+                         f"{self._no_stall_before}")
 
     def who_has(self, keys: Iterable | None = None) -> dict:
         """key -> addresses of the workers holding it (all keys in memory by default)."""

@@ -55,8 +55,8 @@ from collections import deque
 from typing import Any
 from collections.abc import Callable
 
-from .scheduler import (ERRED, LOST, MEMORY, NO_WORKER, PROCESSING, QUEUED, STATES, WAITING,
-                        Scheduler)
+from . import scheduler as scheduler_module
+from .scheduler import InvariantError, Scheduler
 from .serialize import Serialized, deserialize
 
 HEARTBEAT_INTERVAL = 0.5
@@ -528,6 +528,8 @@ class Simulation:
         self._seq = 0
         self._links = 0
         self.no_workers_timeout = rng.choice((None, None, 1.0, 3.0))
+        if check:  # a forbidden state change fails the seed, as a broken invariant does
+            scheduler_module.STRICT = True
         self.sched = Scheduler(allowed_failures=3, no_workers_timeout=self.no_workers_timeout,
                                address="sim-center:1", id="sim-center")
         self.workers: dict[str, SimWorker] = {}  # address -> every worker ever started
@@ -813,84 +815,11 @@ def _short(batch: list) -> str:
 def check_invariants(sim: Simulation) -> None:
     """Every table of the scheduler agrees with every other, and with what clients hold."""
     sched = sim.sched
-    tasks, workers, clients = sched.tasks, sched.workers, sched.clients
-    fail = sim.fail
-    for key, ts in tasks.items():
-        if ts.key != key:
-            fail(f"{ts!r} filed under {key!r}")
-        state = ts.state
-        if state not in STATES:
-            fail(f"{ts!r} has an unknown state")
-        if state == MEMORY and not ts.who_has:
-            fail(f"{ts!r} in memory with no holder")
-        if state != MEMORY and ts.who_has:
-            fail(f"{ts!r} not in memory but held by {list(ts.who_has)}")
-        for ws in ts.who_has or ():
-            if workers.get(ws.address) is not ws:
-                fail(f"{ts!r} held by removed worker {ws.address}")
-            if ts not in ws.has_what:
-                fail(f"who_has/has_what disagree: {ts!r} says {ws.address} holds it")
-        ws = ts.worker
-        if state == PROCESSING:
-            if ws is None or workers.get(ws.address) is not ws:
-                fail(f"{ts!r} assigned to a removed worker {ws!r}")
-            if ts not in ws.processing:
-                fail(f"{ts!r} not in the processing of {ws.address}")
-        elif state == QUEUED:
-            if ws is not None and workers.get(ws.address) is not ws:
-                fail(f"{ts!r} queued for a removed worker {ws.address}")
-        elif ws is not None:
-            fail(f"{ts!r} names worker {ws.address}")
-        if (state == NO_WORKER) != (ts in sched.no_worker):
-            fail(f"{ts!r} and the no-worker table disagree")
-        if state in (ERRED, LOST) and ts.exc is None:
-            fail(f"{ts!r} has no error")
-        for cid in ts.who_wants or ():
-            cs = clients.get(cid)
-            if cs is None or ts not in cs.wants:
-                fail(f"{ts!r} wanted by {cid}, which does not hold it")
-        if state in (WAITING, QUEUED, PROCESSING, NO_WORKER):
-            for dep in ts.deps:
-                if tasks.get(dep.key) is not dep:
-                    fail(f"{ts!r} needs {dep!r}, which was forgotten")
-                if not dep.waiters or ts not in dep.waiters:
-                    fail(f"{ts!r} needs {dep!r} but is not among its waiters")
-        if state == WAITING and ts.waiting_on:
-            for dep in ts.waiting_on:
-                if dep.state == MEMORY:
-                    fail(f"{ts!r} waits on {dep!r}, which is in memory")
-                elif dep.state not in (WAITING, QUEUED, PROCESSING, NO_WORKER):
-                    fail(f"{ts!r} waits on {dep!r}, which nothing will compute")
-        elif state == WAITING:
-            fail(f"{ts!r} waits on nothing but is not ready")
-    for ws in workers.values():
-        for ts in ws.processing:
-            if ts.state != PROCESSING or ts.worker is not ws:
-                fail(f"{ws.address} processes {ts!r} (worker {ts.worker!r})")
-            if tasks.get(ts.key) is not ts:
-                fail(f"{ws.address} processes forgotten {ts!r}")
-        nbytes = 0
-        for ts in ws.has_what:
-            nbytes += ts.nbytes
-            if ws not in (ts.who_has or ()):
-                fail(f"who_has/has_what disagree: {ws.address} says it holds {ts!r}")
-            if tasks.get(ts.key) is not ts:
-                fail(f"{ws.address} holds forgotten {ts!r}")
-        if nbytes != ws.nbytes:
-            fail(f"{ws.address} counts {ws.nbytes} bytes, holds {nbytes}")
-    valid_free = {e[2] for e in sched._free if e is e[2].free_entry and e[0] == e[2].occupancy()}
-    for ws in workers.values():  # the placement indexes find every candidate
-        if ws.has_slot() and ws not in valid_free:
-            fail(f"{ws.address} has a free slot but is not among the free workers")
-        if ws.backlogged() and ws not in sched._backlogged:
-            fail(f"{ws.address} has a backlog but is not among the backlogged")
-        since = ws.stalled_since()
-        if since is not None:
-            if ws not in sched._prefetched:
-                fail(f"{ws.address} has prefetched tasks but is not among the prefetched")
-            if since < sched._no_stall_before:
-                fail(f"{ws.address} stalls at {since} before the bound "
-                     f"{sched._no_stall_before}")
+    try:
+        sched.validate()
+    except InvariantError as e:
+        sim.fail(str(e))
+    clients, tasks, fail = sched.clients, sched.tasks, sim.fail
     for c in sim.clients:
         cs = clients.get(c.cid)
         wants = {ts.key for ts in cs.wants} if cs is not None else set()

@@ -22,6 +22,7 @@ from minidist import Client, Executor, LocalCluster
 
 SESSION_MARK = f"minidist-test-{uuid.uuid4().hex}"
 os.environ["MINIDIST_TEST_SESSION"] = SESSION_MARK
+os.environ["MINIDIST_STRICT_TRANSITIONS"] = "1"  # centers raise on a forbidden state change
 
 
 def marked_pids(mark: str = SESSION_MARK) -> list[int]:

@@ -105,3 +105,43 @@ def test_command_line_reports_and_replays():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.rstrip().endswith("seed 3 passed"), out.stdout[-2000:]
     assert "update_graph" in out.stdout
+
+
+def test_a_task_never_released_from_its_schedule_is_a_forbidden_transition(monkeypatch):
+    """The deleted statement: ``_unschedule`` leaves the task in its scheduled state, so it
+    later goes straight to erred or memory, which ``TRANSITIONS`` does not allow."""
+    unschedule = Scheduler._unschedule
+
+    def keep_state(self, ts):
+        state = ts.state
+        unschedule(self, ts)
+        ts.state = state
+    monkeypatch.setattr(Scheduler, "_unschedule", keep_state)
+    failure = first_failure()
+    assert "is not allowed" in failure.message or "removed worker" in failure.message
+    replays(failure)
+
+
+def test_every_transition_goes_through_the_table(monkeypatch):
+    """Taking one allowed change out of the table fails the simulator at once."""
+    from minidist import scheduler
+    table = dict(scheduler.TRANSITIONS)
+    table[scheduler.PROCESSING] = table[scheduler.PROCESSING] - {scheduler.MEMORY}
+    monkeypatch.setattr(scheduler, "TRANSITIONS", table)
+    failure = first_failure(50)
+    assert "processing -> memory is not allowed" in failure.message
+
+
+def test_validate_names_a_broken_table():
+    from minidist.scheduler import InvariantError
+    sched = Scheduler(address="center:1", id="center")
+    sched.worker_added(0.0, "w0", "w0:1", 1)
+    sched.client_added(0.0, "client", "c")
+    sched.client_msgs(0.1, "client", "c", [{"op": "update_graph", "tasks": [
+        ("x", "spec-x", (), {})], "wants": ["x"]}])
+    sched.worker_msgs(0.2, "w0", "w0:1", [{"op": "task_finished", "key": "x", "nbytes": 8,
+                                           "duration": 0.01}])
+    sched.validate()
+    sched.workers["w0:1"].nbytes += 1  # the deleted statement: a count not kept
+    with pytest.raises(InvariantError, match="counts 9 bytes, holds 8"):
+        sched.validate()
