@@ -525,7 +525,7 @@ def key_name(key: Any) -> str:
     return key if isinstance(key, str) else repr(key)
 
 
-def collect(obj: Any, found: dict, kind: type = HasKey) -> None:
+def collect(obj: Any, found: dict, kind: type[HasKey] = HasKey) -> None:
     """Record each ``kind`` handle inside nested lists, tuples, sets and dicts by key."""
     if isinstance(obj, kind):
         found.setdefault(obj.key, obj)
