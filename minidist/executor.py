@@ -1408,6 +1408,7 @@ class Client(Executor):
     """
 
     asynchronous = False  # what dask asks of a client given as ``scheduler=``
+    _previous_scheduler: Any  # dask's default before this Client, once it has registered
 
     def __init__(self, address: Any = None, *, set_as_default: bool = True,
                  **kwargs: Any) -> None:
