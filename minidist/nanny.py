@@ -58,6 +58,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import IO
 from collections.abc import Callable, Iterable, Sequence
 
 logger = logging.getLogger("minidist.nanny")
@@ -470,7 +471,7 @@ def _pidfd(pid: int) -> int | None:
 _write_lock = threading.Lock()
 
 
-def _forward(pipe, name: str) -> None:
+def _forward(pipe: IO[bytes], name: str) -> None:
     """Copy a worker's output pipe into ``sys.<name>``, whole lines at a time, until EOF.
 
     The pipe is drained whatever happens to the writes: output that cannot
