@@ -22,7 +22,7 @@ setup(
     extras_require={
         "dask": ["dask[array,bag,dataframe]"],
         "test": ["pytest", "pytest-timeout", "numpy", "pandas", "dask[array,bag,dataframe]",
-                 "prometheus_client", "joblib", "scikit-learn", "ruff"],
+                 "prometheus_client", "joblib", "scikit-learn", "ruff", "mypy"],
         "bench": ["numpy", "dask[array,bag,dataframe]", "distributed"],
     },
     entry_points={"console_scripts": [

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Literal, cast
 from collections.abc import Callable
 
 from . import wire
@@ -102,7 +102,7 @@ class LocalCluster:
     """
 
     def __init__(self, n_workers: int = 2, threads_per_worker: int = 1, *,
-                 host: str = "127.0.0.1", auth_key: bytes | str | bool | None = None,
+                 host: str = "127.0.0.1", auth_key: bytes | str | Literal[False] | None = None,
                  tls_ca: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, heartbeat_timeout: float | None = None,
                  allowed_failures: int | None = None, log_level: str = "warning",
@@ -207,7 +207,10 @@ class LocalCluster:
     def _wait_ready(self, procs: list[Process]) -> None:
         """Read each child's ready lines until it has printed its address."""
         deadline = time.monotonic() + self.timeout
-        waiting = {p.popen.stdout.fileno(): p for p in procs}
+        waiting = {}
+        for p in procs:
+            assert p.popen.stdout is not None  # started with stdout=PIPE
+            waiting[p.popen.stdout.fileno()] = p
         buffers = {fd: b"" for fd in waiting}
         with selectors.DefaultSelector() as sel:
             for fd in waiting:
@@ -235,7 +238,7 @@ class LocalCluster:
 
     @staticmethod
     def _parse_ready(proc: Process, text: bytes, cluster: LocalCluster) -> bool:
-        wants_dashboard = "--dashboard-port" in proc.popen.args
+        wants_dashboard = "--dashboard-port" in cast("list[str]", proc.popen.args)  # an argv
         for line in text.decode(errors="replace").splitlines():
             if line.startswith("Start center at "):
                 proc.address = line.split()[-1]

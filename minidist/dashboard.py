@@ -203,6 +203,7 @@ class _Monitor:
             if self.snapshot is None or now - self._refreshed >= self._interval:
                 cpu = time.thread_time()
                 self._refresh(now)
+                assert self.snapshot is not None  # just refreshed
                 cost = time.thread_time() - cpu + self.snapshot.pop("_cpu")
                 self._interval = max(REFRESH_SECONDS, cost / MAX_SHARE)
             return self.snapshot
@@ -387,6 +388,7 @@ class _Server(ThreadingHTTPServer):
     Connections that trickle their request in so cannot keep a page out.
     """
 
+    server_address: tuple[str, int] | tuple[str, int, int, int]  # IPv4 or IPv6
     daemon_threads = True
     request_queue_size = 64
 
@@ -488,6 +490,7 @@ def _make_handler(center: Center, monitor: _Monitor, hosts: frozenset[str],
     """
 
     class Handler(BaseHTTPRequestHandler):
+        server: _Server
         timeout = REQUEST_TIMEOUT
         server_version = "minidist-dashboard"
 

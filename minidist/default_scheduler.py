@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING
 from .import_hooks import after_import, forget
 
 if TYPE_CHECKING:
-    from .executor import Executor
+    from .executor import Client
 
 _DASK_CONFIG = "dask.config"
 _lock = threading.RLock()
-_waiting: list[Executor] = []
+_waiting: list[Client] = []
 """Clients opened before dask was imported, oldest first; they leave it when closed."""
 
 
-def register_default_scheduler(client: Executor) -> None:
+def register_default_scheduler(client: Client) -> None:
     """Make ``client.get`` dask's default scheduler, now or once dask is imported."""
     with _lock:
         _waiting.append(client)
@@ -43,7 +43,7 @@ def register_default_scheduler(client: Executor) -> None:
             after_import(_DASK_CONFIG, _register_waiting)
 
 
-def unregister_default_scheduler(client: Executor) -> None:
+def unregister_default_scheduler(client: Client) -> None:
     """Give dask back the scheduler it had before ``client`` (skipping closed clients)."""
     from .executor import Executor
     with _lock:

@@ -274,10 +274,11 @@ class performance_report:  # noqa: N801 - a context manager named as dask names 
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        stream = self.stream
+        stream, client = self.stream, self.client
+        assert stream is not None and client is not None  # set by __enter__
         stream.collect()
         try:
-            lanes = [f"{address} #{i}" for address, n in sorted(self.client.nthreads().items())
+            lanes = [f"{address} #{i}" for address, n in sorted(client.nthreads().items())
                      for i in range(n)]
         except Exception:  # the cluster is gone: draw the lanes the runs name
             lanes = []

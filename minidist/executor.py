@@ -114,7 +114,7 @@ class _KeyInfo:
         refs = self.futures
         if refs is None:
             self.futures = ref
-        elif type(refs) is list:
+        elif isinstance(refs, list):
             refs.append(ref)
         else:
             self.futures = [refs, ref]
@@ -123,7 +123,7 @@ class _KeyInfo:
         refs = self.futures
         if refs is None:
             return []
-        if type(refs) is not list:
+        if not isinstance(refs, list):
             future = refs()
             if future is None:
                 self.futures = None
@@ -242,6 +242,7 @@ class Future(HasKey, concurrent.futures.Future):
             _emit_warnings(info)
         value = super().result(0)
         if info.status == "error":
+            assert info.exception is not None  # set with the status
             raise info.exception
         if info.status == "lost":
             raise info.exception or LostKeyError(f"key {self.key!r} was lost")
@@ -292,7 +293,7 @@ class Future(HasKey, concurrent.futures.Future):
         self._session._drop_ref(self)
         return True
 
-    def add_done_callback(self, fn: Callable[[concurrent.futures.Future], object]) -> None:
+    def add_done_callback(self, fn: Callable[[Future], object]) -> None:
         """Call ``fn(future)`` once done, even if nothing else keeps this Future (PEP 3148).
 
         While the Future is pending and has a callback, its session holds it
@@ -301,7 +302,7 @@ class Future(HasKey, concurrent.futures.Future):
         """
         held = self._session._held
         held.add(self)
-        super().add_done_callback(fn)
+        super().add_done_callback(fn)  # type: ignore[arg-type]  # it is called with this Future
         if self._state not in (PENDING, RUNNING):
             held.discard(self)
 
@@ -319,9 +320,13 @@ class Future(HasKey, concurrent.futures.Future):
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
+        def finish() -> None:
+            if not done.done():
+                done.set_result(None)
+
         def wake(_: concurrent.futures.Future) -> None:
             try:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+                loop.call_soon_threadsafe(finish)
             except RuntimeError:
                 pass  # the loop closed meanwhile: nobody awaits any more
 
@@ -340,7 +345,7 @@ class Future(HasKey, concurrent.futures.Future):
 
     def _invoke_callbacks(self) -> None:
         # Every way a Future ends (set_result, set_exception, cancel, _finish_all) calls this.
-        super()._invoke_callbacks()
+        super()._invoke_callbacks()  # type: ignore[misc]  # private in the stubs
         self._session._held.discard(self)
 
     def _finish(self) -> None:
@@ -542,8 +547,9 @@ class Executor(concurrent.futures.Executor):
 
     # ------------------------------------------------------------------ submitting
 
-    def submit(self, fn: Callable, /, *args: Any, key: Any = None, pure: bool | None = None,
-               workers: Any = None, retries: int = 0, **kwargs: Any) -> Future:
+    def submit(  # type: ignore[override]  # dask's options: key, pure, workers, retries
+            self, fn: Callable, /, *args: Any, key: Any = None, pure: bool | None = None,
+            workers: Any = None, retries: int = 0, **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` on the cluster; returns a Future at once.
 
         Futures among the arguments (also inside lists, tuples and dicts)
@@ -614,7 +620,7 @@ class Executor(concurrent.futures.Executor):
             fresh = set()
             for key in wants:
                 info = self._keys.get(key) if named else None
-                if info is not None and key in named and info.token != named[key]:
+                if info is not None and named and key in named and info.token != named[key]:
                     futures.append(_conflicting_future(key, self))
                     continue
                 future, is_new = self._new_future(key)
@@ -625,7 +631,7 @@ class Executor(concurrent.futures.Executor):
                         future._info.token = named[key]
             new = [t for t in tasks if t[0] in fresh or t[0] not in self._keys]
             if new or fresh:
-                msg = {"op": "update_graph", "tasks": new, "wants": list(fresh)}
+                msg: dict[str, Any] = {"op": "update_graph", "tasks": new, "wants": list(fresh)}
                 if named:
                     msg["check"] = True
                 self._sender.send(msg)
@@ -635,7 +641,7 @@ class Executor(concurrent.futures.Executor):
         """A Future for ``key`` (caller holds the lock); True if the key is new here."""
         info = self._keys.get(key)
         fresh = info is None
-        if fresh:
+        if info is None:
             info = self._keys[key] = _KeyInfo(key)
         future = Future(key, self, info)
         info.refs += 1
@@ -643,6 +649,7 @@ class Executor(concurrent.futures.Executor):
         if info.status == "finished":
             future._finish()
         elif info.status in ("error", "lost"):
+            assert info.exception is not None  # set with the status
             future._fail(info.exception)
         return future, fresh
 
@@ -1053,6 +1060,7 @@ class Executor(concurrent.futures.Executor):
                     if info is None:
                         raise CancelledError(f"key {key!r} was released")
                     if info.status in ("error", "lost"):
+                        assert info.exception is not None  # set with the status
                         raise info.exception
                     generations[key] = info.generation
                     if info.value is not None:
@@ -1141,8 +1149,9 @@ class Executor(concurrent.futures.Executor):
     # ------------------------------------------------------------------ events from the center
 
     def _read_events(self) -> None:
-        handlers = {"memory": self._on_memory, "erred": self._on_erred, "lost": self._on_lost,
-                    "worker_left": lambda address: self._pool.abort(address)}
+        handlers: dict[str, Callable[..., Any]] = {
+            "memory": self._on_memory, "erred": self._on_erred, "lost": self._on_lost,
+            "worker_left": lambda address: self._pool.abort(address)}
         try:
             while True:
                 finished: list[dict] = []  # a run of "memory" events, handled together
@@ -1383,8 +1392,8 @@ def _rebuild(obj: Any, values: dict, failed: set) -> Any:
         items = [_rebuild(x, values, failed) for x in obj]
         return type(obj)(x for x in items if x is not _SKIP)
     if isinstance(obj, dict):
-        items = {k: _rebuild(v, values, failed) for k, v in obj.items()}
-        return {k: v for k, v in items.items() if v is not _SKIP}
+        rebuilt = {k: _rebuild(v, values, failed) for k, v in obj.items()}
+        return {k: v for k, v in rebuilt.items() if v is not _SKIP}
     return obj
 
 
@@ -1399,6 +1408,7 @@ class Client(Executor):
     """
 
     asynchronous = False  # what dask asks of a client given as ``scheduler=``
+    _previous_scheduler: Any  # dask's default before this Client, once it has registered
 
     def __init__(self, address: Any = None, *, set_as_default: bool = True,
                  **kwargs: Any) -> None:
@@ -1412,7 +1422,8 @@ class Client(Executor):
         if self._set_as_default:
             unregister_default_scheduler(self)
 
-    def map(self, fn: Callable, *iterables: Iterable, key: Any = None, pure: bool | None = None,
+    def map(  # type: ignore[override]  # dask's: a list of Futures, not an iterator of results
+            self, fn: Callable, *iterables: Iterable, key: Any = None, pure: bool | None = None,
             workers: Any = None, retries: int = 0, **kwargs: Any) -> list[Future]:
         """Submit ``fn`` over the iterables; returns a list of Futures (no results fetched).
 
@@ -1461,6 +1472,7 @@ def shared_session(address: Any, *, timeout: float = 10.0, auth_key: bytes | str
     """
     address = wire.format_address(*wire.parse_address(address))
     ident = (address, auth_key, tls_ca, tls_cert, tls_key)
+    session: Executor | None
     with _shared_lock:
         for other, session in list(_shared.items()):
             if session._shutdown or session._broken is not None:

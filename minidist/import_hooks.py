@@ -20,10 +20,11 @@ from __future__ import annotations
 import sys
 import threading
 import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from collections.abc import Callable, Sequence
 
 if TYPE_CHECKING:
+    import importlib.abc
     import importlib.machinery
 
 Hook = Callable[[types.ModuleType], None]
@@ -97,7 +98,9 @@ class _ThenCall:
             with _lock:
                 _wrapped.discard(module.__name__)
             raise
-        module.__loader__ = module.__spec__.loader = self.loader
+        spec = module.__spec__
+        assert spec is not None  # the import system executes a module from its spec
+        module.__loader__ = spec.loader = self.loader
         _fire(module)
 
     def __getattr__(self, name: str) -> Any:
@@ -117,7 +120,9 @@ class _OnImport:
             spec = finder.find_spec(name, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _ThenCall(spec.loader)
+                    # A loader by its methods, not a subclass: every other attribute
+                    # is the wrapped loader's own.
+                    spec.loader = cast("importlib.abc.Loader", _ThenCall(spec.loader))
                     with _lock:
                         _wrapped.add(name)
                 return spec

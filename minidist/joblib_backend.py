@@ -115,6 +115,7 @@ class MinidistBackend(AutoBatchingMixin, ParallelBackendBase):
     def _scatter(self, objects: list) -> None:
         new = [obj for obj in objects if id(obj) not in self._scattered]
         if new:
+            assert self.client is not None  # configured
             futures = self.client.scatter(new)
             for obj, future in zip(new, futures, strict=True):
                 self._scattered[id(obj)] = (obj, future)  # obj kept: its id stays its own
@@ -146,11 +147,13 @@ class MinidistBackend(AutoBatchingMixin, ParallelBackendBase):
             if futures:
                 func = copy.copy(func)
                 func.items = swapped
+        assert self.client is not None  # configured
         future = self.client.submit(_run_batch, func, futures, pure=False)
         with self._lock:
             self._futures.add(future)
         if callback is not None:
             pool = self._callbacks
+            assert pool is not None  # configured
             future.add_done_callback(lambda f: pool.submit(self._done, f, callback))
         return future
 

@@ -89,7 +89,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, Literal
 from collections.abc import Callable, Iterator
 
 from . import wire
@@ -527,6 +527,7 @@ class SpillBuffer(MutableMapping):
         used key: it is the cheapest to evict, and a key read back is
         usually needed by one task, unlike the results not spilled yet.
         """
+        spilled: _Spilled | None  # None if the key changed while its file was read
         with self._lock:
             if key in self.fast:
                 self.fast.move_to_end(key)
@@ -663,6 +664,7 @@ class SpillBuffer(MutableMapping):
             with self._lock:
                 self._pinned.add(key)
             return -1
+        spilled: _Spilled | None  # None once the file is on record in ``slow``
         try:
             spilled = self._write(nbytes, frames)
         finally:
@@ -720,7 +722,7 @@ class SpillBuffer(MutableMapping):
         self.sizes[key] = nbytes
         self.managed += nbytes
 
-    def _remove(self, key: Any) -> _Spilled | None | bool:
+    def _remove(self, key: Any) -> _Spilled | None | Literal[False]:
         """Drop ``key``: its _Spilled record if it has a file, None if not, False if not held."""
         if key in self.fast:
             del self.fast[key]
@@ -733,8 +735,12 @@ class SpillBuffer(MutableMapping):
         self.spilled -= spilled.nbytes
         return spilled
 
+    def over_target(self) -> bool:
+        """Whether the bytes in memory are above ``target`` (never without a target)."""
+        return self.target is not None and self.managed > self.target
+
     def _check_target(self) -> None:
-        if self.target is not None and self.managed > self.target and self.on_over_target:
+        if self.over_target() and self.on_over_target:
             self.on_over_target()
 
     def _read(self, key: Any, spilled: _Spilled) -> wire.Serialized:
@@ -861,7 +867,7 @@ class MemoryManager:
                 now = time.monotonic()
                 if self.limit:
                     self._check_pause(rss)
-                    if rss > SPILL * self.limit or self.data.managed > self.data.target:
+                    if rss > SPILL * self.limit or self.data.over_target():
                         self._wake_spill.set()
                 if self.is_idle():
                     idle_since = now if idle_since is None else idle_since
@@ -888,6 +894,7 @@ class MemoryManager:
     def _wants_pause(self, rss: int) -> bool:
         """Pause above ``PAUSE``; once paused, stay so down to ``RESUME`` unless stuck."""
         limit = self.limit
+        assert limit is not None  # pausing is managed only under a memory limit
         if not self.paused:
             return rss > PAUSE * limit
         if rss < RESUME * limit:
@@ -902,6 +909,8 @@ class MemoryManager:
         return now < self._spill_retry_at or not self.data.spillable()
 
     def _set_paused(self, paused: bool, rss: int) -> None:
+        limit = self.limit
+        assert limit is not None  # pausing is managed only under a memory limit
         self.paused = paused
         if paused:
             self._paused_at = time.monotonic()
@@ -909,17 +918,17 @@ class MemoryManager:
             logger.warning("paused: memory use %s is above %.0f%% of the memory limit %s; "
                            "starting no new task until it drops below %.0f%% (managed %s, "
                            "spilled %s)", format_bytes(rss), PAUSE * 100,
-                           format_bytes(self.limit), RESUME * 100,
+                           format_bytes(limit), RESUME * 100,
                            format_bytes(self.data.managed), format_bytes(self.data.spilled))
         else:
             self.unpaused.set()
-            if rss < RESUME * self.limit:
+            if rss < RESUME * limit:
                 logger.warning("resumed: memory use %s is below %.0f%% of the memory limit %s",
-                               format_bytes(rss), RESUME * 100, format_bytes(self.limit))
+                               format_bytes(rss), RESUME * 100, format_bytes(limit))
             else:
                 logger.warning("resumed: memory use %s is below %.0f%% of the memory limit %s "
                                "and nothing is left to spill (managed %s)", format_bytes(rss),
-                               PAUSE * 100, format_bytes(self.limit),
+                               PAUSE * 100, format_bytes(limit),
                                format_bytes(self.data.managed))
         self._last_report_at = 0.0  # say so at once
 
@@ -964,12 +973,12 @@ class MemoryManager:
         if not limit:
             return
         if time.monotonic() < self._spill_retry_at:  # the disk failed: evict only what is there
-            while (data.managed > data.target or process_rss() > SPILL * limit) and \
+            while (data.over_target() or process_rss() > SPILL * limit) and \
                     data.spill_kept():
                 pass
             return
         try:
-            while data.managed > data.target and data.spill_one():
+            while data.over_target() and data.spill_one():
                 pass
             if process_rss() > SPILL * limit:  # memory outside the dict: spill by RSS
                 while process_rss() > TARGET * limit and data.spill_one():
@@ -1007,7 +1016,7 @@ class MemoryManager:
         The producer pays for its own spilling, so a fast task cannot fill
         memory faster than the disk takes it.
         """
-        if self.limit and self.data.managed > self.data.target:
+        if self.limit and self.data.over_target():
             self.spill()
 
 

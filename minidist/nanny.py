@@ -58,6 +58,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import IO
 from collections.abc import Callable, Iterable, Sequence
 
 logger = logging.getLogger("minidist.nanny")
@@ -223,6 +224,7 @@ class Nanny:
             child._kill_at = time.monotonic() + STOP_GRACE
             logger.warning("restarting worker %s (pid %d): %s", child.address or "?",
                            child.pid, reason)
+            assert child.popen is not None  # alive
             _signal(child.popen, sig)
 
     def close(self, timeout: float = 5.0) -> None:
@@ -309,6 +311,7 @@ class Nanny:
     def _watch(self, child: Child) -> None:
         """Read the status pipe and run the policies until the process has exited."""
         popen = child.popen
+        assert popen is not None  # spawned before it is watched
         pidfd = _pidfd(popen.pid)
         buffer = b""
         try:
@@ -336,12 +339,14 @@ class Nanny:
 
     def _read_status(self, child: Child, buffer: bytes) -> tuple[bytes, bool]:
         """Read what the worker wrote on its status pipe; (unfinished line, read anything)."""
+        fd = child._status_fd
+        assert fd is not None  # read only while the pipe is open
         try:
-            chunk = os.read(child._status_fd, 4096)
+            chunk = os.read(fd, 4096)
         except BlockingIOError:
             return buffer, False
         if not chunk:
-            os.close(child._status_fd)
+            os.close(fd)
             child._status_fd = None
             return b"", False
         *lines, rest = (buffer + chunk).split(b"\n")
@@ -382,6 +387,7 @@ class Nanny:
 
     def _after_exit(self, child: Child) -> float | None:
         """Seconds to wait before restarting the slot's process, or None: the slot ends."""
+        assert child.popen is not None  # it has run
         returncode = child.popen.wait()
         how = describe_exit(returncode)
         name = f"worker {child.address or '(not started)'} (pid {child.pid})"
@@ -465,7 +471,7 @@ def _pidfd(pid: int) -> int | None:
 _write_lock = threading.Lock()
 
 
-def _forward(pipe, name: str) -> None:
+def _forward(pipe: IO[bytes], name: str) -> None:
     """Copy a worker's output pipe into ``sys.<name>``, whole lines at a time, until EOF.
 
     The pipe is drained whatever happens to the writes: output that cannot

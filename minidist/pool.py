@@ -95,7 +95,9 @@ def _raise_first_error(futures: list[Future]) -> None:
         if status == "cancelled":
             raise CancelledError(f"task {key_name(future.key)!r} was cancelled")
         if status in ("error", "lost"):
-            raise future.exception()
+            error = future.exception()
+            assert error is not None  # set with the status
+            raise error
 
 
 class AsyncResult:

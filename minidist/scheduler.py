@@ -87,7 +87,7 @@ import os
 from collections import deque
 from types import MappingProxyType
 from typing import Any
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .history import History
 from .serialize import Serialized, serialize
@@ -283,7 +283,7 @@ def _same_spec(a: RunSpec, b: RunSpec) -> bool:
     if a is b:
         return True
     init_a, init_b = a.init, b.init
-    if (init_a is None) != (init_b is None) or (init_a is not None and
+    if (init_a is None) != (init_b is None) or (init_a is not None and init_b is not None and
                                                  init_a.token != init_b.token):
         return False
     return _same_bytes(a.func, b.func) and _same_bytes(a.args, b.args)
@@ -542,6 +542,7 @@ class Scheduler:
         if data:
             self._on_add_keys(ws, data, from_registration=True, adopt=adopt)
         for ts in list(self.no_worker):
+            assert ts.restrictions is not None  # only a restricted task waits for a worker
             if ws.matches(ts.restrictions):
                 del self.no_worker[ts]
                 _transition(ts, RELEASED)
@@ -567,7 +568,9 @@ class Scheduler:
         self._out.setdefault(ws.stream, []).append(None)
         # Whoever waits on a reply from it (it may be hung, not dead) stops waiting.
         left = {"op": "worker_left", "address": ws.address}
-        for other in (*self.workers.values(), *self.clients.values()):
+        others: tuple[WorkerState | ClientState, ...] = (*self.workers.values(),
+                                                         *self.clients.values())
+        for other in others:
             self._post(other.stream, left)
         if not self.workers and self.no_workers_timeout is not None:
             for ts in self.queued:
@@ -652,6 +655,7 @@ class Scheduler:
                 if not waiter.waiting_on:
                     ready.append(waiter)
         if ts.who_wants:
+            assert ts.who_has is not None  # just added a holder
             msg = {"op": "memory", "key": ts.key, "who_has": [w.address for w in ts.who_has]}
             if value is not None:
                 msg["value"] = value
@@ -790,6 +794,7 @@ class Scheduler:
         if ts is None or ts.state != MEMORY:
             return
         msg = {"op": "delete_data", "keys": [key]}
+        assert ts.who_has is not None  # in memory: it has holders
         for holder in ts.who_has:
             holder.has_what.pop(ts, None)
             self._post(holder.stream, msg)
@@ -939,7 +944,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ clients
 
-    def _update_graph(self, cs: ClientState, tasks: list = (), wants: Iterable = (),
+    def _update_graph(self, cs: ClientState, tasks: Sequence = (), wants: Iterable = (),
                       check: bool = False) -> None:
         """New tasks ``(key, spec, dep_keys, opts)`` and the keys this client wants.
 
@@ -1006,7 +1011,7 @@ class Scheduler:
             if ts.state == RELEASED and not ts.needed():
                 self._forget_if_unreferenced(ts)
 
-    def _conflicts(self, cs: ClientState, tasks: list, check: bool) -> dict:
+    def _conflicts(self, cs: ClientState, tasks: Sequence, check: bool) -> dict:
         """Keys of ``tasks`` the center holds for another task, and those that need them.
 
         A key is one computation: a task sent under a key whose known task was
@@ -1045,6 +1050,7 @@ class Scheduler:
     def _report(self, ts: TaskState, cs: ClientState) -> None:
         """Tell one client where ``ts`` stands, if it has finished one way or another."""
         if ts.state == MEMORY:
+            assert ts.who_has is not None  # in memory: it has holders
             msg = {"op": "memory", "key": ts.key, "who_has": [w.address for w in ts.who_has]}
             if ts.warnings:
                 msg["warnings"] = ts.warnings
@@ -1161,6 +1167,7 @@ class Scheduler:
     def _ready(self, ts: TaskState) -> None:
         """Send a task whose inputs are all in memory to a worker, or queue it."""
         ts.waiting_on = None
+        candidates: list[WorkerState] | dict[WorkerState, None]
         if ts.restrictions is not None:
             candidates = [ws for ws in self.workers.values() if ws.matches(ts.restrictions)]
             if not candidates:
@@ -1323,6 +1330,7 @@ class Scheduler:
     def _check_unrunnable(self, now: float) -> None:
         """Err tasks that have had no worker able to run them for ``no_workers_timeout``."""
         timeout = self.no_workers_timeout
+        assert timeout is not None  # checked only with a timeout set
         for table, runnable in ((self.no_worker, NO_WORKER), (self._starved, QUEUED)):
             expired = []
             for ts, since in table.items():  # insertion order is time order
@@ -1404,6 +1412,7 @@ class Scheduler:
                 continue
             if t.state == MEMORY:
                 msg = {"op": "delete_data", "keys": [t.key]}
+                assert t.who_has is not None  # in memory: it has holders
                 for ws in t.who_has:
                     ws.has_what.pop(t, None)
                     ws.nbytes -= t.nbytes
@@ -1447,6 +1456,7 @@ class Scheduler:
                 raise InvariantError(f"{ts!r} in memory with no holder")
             if state != MEMORY and ts.who_has:
                 raise InvariantError(f"{ts!r} not in memory but held by {list(ts.who_has)}")
+            ws: WorkerState | None
             for ws in ts.who_has or ():
                 if workers.get(ws.address) is not ws:
                     raise InvariantError(f"{ts!r} held by removed worker {ws.address}")

@@ -23,7 +23,7 @@ import sys
 import threading
 import types
 from collections import ChainMap
-from typing import Any
+from typing import Any, SupportsIndex
 from collections.abc import Callable, Iterable
 
 OOB_THRESHOLD = 2048  # buffers smaller than this stay inside the pickle
@@ -50,13 +50,15 @@ class _Bytes:
     def __init__(self, value: bytes | bytearray) -> None:
         self.value = value
 
-    def __reduce_ex__(self, protocol: int) -> Any:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         return _identity, (pickle.PickleBuffer(self.value),)
 
 
 def _as_view(buf: Any, fmt: str, shape: tuple) -> memoryview:
     view = memoryview(buf).cast("B")
-    return view if fmt == "B" and len(shape) == 1 else view.cast(fmt, shape)
+    if fmt == "B" and len(shape) == 1:
+        return view
+    return view.cast(fmt, shape)  # type: ignore[call-overload]  # the format is only known at run time
 
 
 class _View:
@@ -67,7 +69,7 @@ class _View:
     def __init__(self, value: memoryview) -> None:
         self.value = value
 
-    def __reduce_ex__(self, protocol: int) -> Any:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         view = self.value
         return _as_view, (pickle.PickleBuffer(view), view.format, view.shape)
 
@@ -196,8 +198,8 @@ class Serialized:
         self.buffers = tuple(buffers)  # the empty tuple is shared: no cost per small value
 
     def __reduce__(self) -> Any:
-        header = self.header
-        if len(header) >= OOB_THRESHOLD:  # a big in-band pickle travels as its own frame too
+        header: bytes | pickle.PickleBuffer = self.header
+        if len(self.header) >= OOB_THRESHOLD:  # a big in-band pickle travels as its own frame too
             header = pickle.PickleBuffer(header)
         return Serialized, (header, [pickle.PickleBuffer(b) for b in self.buffers])
 

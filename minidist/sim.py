@@ -52,7 +52,7 @@ import sys
 import time
 import tracemalloc
 from collections import deque
-from typing import Any
+from typing import Any, NoReturn
 from collections.abc import Callable
 
 from . import scheduler as scheduler_module
@@ -292,7 +292,7 @@ class SimWorker:
                 continue
             del self.waiting[item.key]
             base, fails, deps, duration, nbytes = item.spec
-            inputs = [self.data.get(d, (MISSING,))[0] for d in deps]
+            inputs: list[Any] = [self.data.get(d, (MISSING,))[0] for d in deps]
             gone = [d for d in deps if d in self.lost and d not in self.data]
             if gone:  # dropped here after the task was queued: worker.py reports it missing
                 self.send({"op": "missing_data", "key": item.key, "dep": gone[0],
@@ -368,7 +368,7 @@ class SimClient:
             if rng.random() < 0.1:
                 j = rng.randrange(4)
                 key = f"shared-{j}"
-                spec = (j, False, (), 0.01, 64)
+                spec: tuple[int, bool, tuple[str, ...], float, int] = (j, False, (), 0.01, 64)
                 deps: list[str] = []
                 fails = False
             else:
@@ -379,7 +379,7 @@ class SimClient:
                 nbytes = rng.choice((8, 100, 5000, 200_000, 3 << 20))
                 duration = rng.choice((0.0005, 0.002, 0.01, 0.05, 0.2))
                 spec = (rng.randrange(1000), fails, tuple(deps), duration, nbytes)
-            opts = None
+            opts: dict[str, Any] | None = None
             if rng.random() < 0.08 and sim.names:
                 names = list(sim.names) + (["nobody"] if sim.no_workers_timeout else [])
                 opts = {"workers": [rng.choice(names)]}
@@ -564,7 +564,7 @@ class Simulation:
         self._seq += 1
         heapq.heappush(self._heap, (when, self._seq, fn, args))
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str) -> NoReturn:
         raise _Bug(message)
 
     def log(self, fmt: str, *args: Any) -> None:
@@ -615,12 +615,12 @@ class Simulation:
         for link, msgs in out.items():
             if link.closed_by_center:
                 self.fail(f"scheduler wrote {msgs!r:.200} on {link}, which it closed")
-            batch = []
+            batch: list = []
             for msg in msgs:
                 if msg is None:
                     if batch:
                         self.send_down(link, batch)
-                    batch = None
+                    batch = []  # sent: nothing follows the close
                     link.closed_by_center = True
                     self.send_down(link, None)
                     break
@@ -945,7 +945,7 @@ def _scale_flow(ntasks: int, nworkers: int) -> dict:
         out = sched.client_msgs(now, client, "client", [msg])
         inside += clock() - t
         while out:
-            released = []
+            released: list = []
             finished = []
             for stream, msgs in out.items():
                 if stream is client:

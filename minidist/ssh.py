@@ -111,17 +111,20 @@ class Session:
         self.popen = subprocess.Popen([*ssh, "--", host, remote], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       start_new_session=True)
+        stdin, stdout = self.popen.stdin, self.popen.stdout
+        assert stdin is not None and stdout is not None  # both are pipes
+        self._stdin, self._stdout = stdin, stdout
         spec = json.dumps({"env": env, "commands": commands}) + "\n"
         try:
-            self.popen.stdin.write(spec.encode())
-            self.popen.stdin.flush()
+            self._stdin.write(spec.encode())
+            self._stdin.flush()
         except OSError:
             pass  # ssh already gone: its output says why
         self._reader = threading.Thread(target=self._relay, name=f"ssh-{host}", daemon=True)
         self._reader.start()
 
     def _relay(self) -> None:
-        for raw in self.popen.stdout:
+        for raw in self._stdout:
             line = raw.decode(errors="replace").rstrip("\n")
             if line.startswith(CENTER_READY) and self.center_address is None:
                 self.center_address = line.split()[-1]
@@ -141,7 +144,7 @@ class Session:
     def close(self) -> None:
         """Close the session's stdin: the bootstrap stops its programs and exits."""
         try:
-            self.popen.stdin.close()
+            self._stdin.close()
         except OSError:
             pass
 
@@ -155,7 +158,7 @@ class Session:
             self.popen.kill()
             self.popen.wait()
         self._reader.join(5)
-        self.popen.stdout.close()
+        self._stdout.close()
 
 
 def ssh_command(args: argparse.Namespace) -> list[str]:

@@ -37,7 +37,7 @@ import types
 import warnings
 import weakref
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from .serialize import Serialized, deserialize, pickled_by_value, serialize, shipped_source
 
@@ -298,7 +298,7 @@ def pack(func: Callable, args: tuple, kwargs: dict) -> tuple[RunSpec, dict]:
 # Unpacking and running (worker side)
 
 
-def substitute(obj: Any, data: dict) -> Any:
+def substitute(obj: Any, data: Mapping) -> Any:
     """Replace every TaskRef in ``obj`` by ``data[ref.key]``."""
     typ = type(obj)
     if typ is TaskRef:
@@ -355,7 +355,7 @@ def ensure_initialized(init: InitSpec) -> None:
                                f"{type(error).__name__}: {error}") from error
 
 
-def run(spec: RunSpec, data: dict) -> Any:
+def run(spec: RunSpec, data: Mapping) -> Any:
     """Unpack and call a RunSpec with its references taken from ``data``.
 
     The executor's initializer, if the spec names one, runs first (once per process).
@@ -525,7 +525,7 @@ def key_name(key: Any) -> str:
     return key if isinstance(key, str) else repr(key)
 
 
-def collect(obj: Any, found: dict, kind: type = HasKey) -> None:
+def collect(obj: Any, found: dict, kind: type[HasKey] = HasKey) -> None:
     """Record each ``kind`` handle inside nested lists, tuples, sets and dicts by key."""
     if isinstance(obj, kind):
         found.setdefault(obj.key, obj)

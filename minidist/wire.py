@@ -58,7 +58,7 @@ import threading
 import time
 import weakref
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 from collections.abc import Callable, Iterable
 
 from .serialize import (OOB_THRESHOLD, SerializationError, Serialized,  # noqa: F401 (re-exported)
@@ -122,10 +122,10 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     for prefix in ("tcp://", "tls://"):
         if text.startswith(prefix):
             text = text[len(prefix):]
-    host, sep, port = text.rpartition(":")
+    host, sep, port_text = text.rpartition(":")
     if not sep:
         return text, DEFAULT_PORT
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return host.strip("[]") or "127.0.0.1", int(port_text)
 
 
 def format_address(host: str, port: int) -> str:
@@ -260,7 +260,7 @@ def frame_views(frames: list) -> list[memoryview]:
     return [memoryview(header), *views]
 
 
-def _is_tls(sock: socket.socket) -> bool:
+def _is_tls(sock: socket.socket) -> TypeGuard[ssl.SSLSocket]:
     # ``ssl`` may be half imported by another thread (http.server, say): then no
     # TLS socket exists yet, and its attributes may not either.
     tls_socket = getattr(sys.modules.get("ssl"), "SSLSocket", None)
@@ -325,7 +325,7 @@ def _read_exact(rfile: Any, n: int, first: bool = False) -> bytes:
     return data
 
 
-def _readinto_exact(rfile: Any, buf: bytearray) -> None:
+def _readinto_exact(rfile: Any, buf: bytearray | memoryview | mmap.mmap) -> None:
     view = memoryview(buf)
     while view.nbytes:
         n = rfile.readinto(view)
@@ -434,7 +434,7 @@ def _read_large_bytes(rfile: Any, size: int, sock: socket.socket | None = None) 
 LOWAT_FRAME_BYTES = 4 << 20
 """Frames this large are read from the socket itself in chunks of at least ``LOWAT_BYTES``."""
 LOWAT_BYTES = 1 << 20
-_SO_RCVLOWAT = getattr(socket, "SO_RCVLOWAT", None)
+_SO_RCVLOWAT: int | None = getattr(socket, "SO_RCVLOWAT", None)
 
 
 def _recv_large(rfile: Any, sock: socket.socket, view: memoryview) -> None:
@@ -452,6 +452,7 @@ def _recv_large(rfile: Any, sock: socket.socket, view: memoryview) -> None:
     view[:n] = buffered
     rfile.read(n)  # consumes exactly the buffered bytes: no raw read
     view = view[n:]
+    assert _SO_RCVLOWAT is not None  # a connection reads its socket directly only with it
     try:
         sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, LOWAT_BYTES)
         while view.nbytes > LOWAT_BYTES:
@@ -480,7 +481,7 @@ def read_frames(rfile: Any, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     sizes = [length & ~_FLAGS for length in lengths]
     if max(sizes) > max_frame_bytes or sum(sizes) > 4 * max_frame_bytes:
         raise ProtocolError(f"frame of {max(sizes)} bytes exceeds limit {max_frame_bytes}")
-    frames = []
+    frames: list[bytes | bytearray | mmap.mmap] = []
     for length, size in zip(lengths, sizes, strict=False):
         if length & _WRITABLE:
             buf = bytearray(size) if length & _BYTEARRAY else fresh_buffer(size)
@@ -587,6 +588,8 @@ def answer_challenge(sock: socket.socket, key: bytes | None, peer: str) -> None:
         raise AuthenticationError(f"{peer} speaks another minidist protocol version")
     if status != _OK_AUTH:
         raise ProtocolError(f"{peer} is not a minidist server (status {status})")
+    if key is None:
+        raise ProtocolError(f"{peer} asked to prove an auth key this side did not offer")
     nonce = _recv_exact(sock, _NONCE)
     my_nonce = secrets.token_bytes(_NONCE)
     sock.sendall(_proof(key, b"client", nonce) + my_nonce)
@@ -1050,6 +1053,7 @@ NO_REPLY = object()
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
+    server_address: tuple[str, int] | tuple[str, int, int, int]  # IPv4 or IPv6
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 512
@@ -1077,6 +1081,8 @@ class _TCPServer(socketserver.ThreadingTCPServer):
 
 
 class _Handler(socketserver.BaseRequestHandler):
+    server: _TCPServer
+
     def handle(self) -> None:
         self.server.owner._serve_connection(self.request, self.client_address)
 
@@ -1139,7 +1145,7 @@ class Server:
         if port is None and sock is None:
             host, port = self._bind_address(host)
             warn_if_exposed(host, self.security, self.name)
-        self._tcp = _TCPServer(("127.0.0.1" if host is None else host, port or 0), self, sock)
+        self._tcp = _TCPServer(("127.0.0.1" if host is None else str(host), port or 0), self, sock)
         self._thread = threading.Thread(target=self._tcp.serve_forever,
                                         kwargs={"poll_interval": 0.05},
                                         name=f"{self.name}-accept", daemon=True)
@@ -1211,11 +1217,11 @@ class Server:
         if handle is not None:
             handle.close()
 
-    def _serve_connection(self, sock: socket.socket, client_address: Any) -> None:
+    def _serve_connection(self, accepted: socket.socket, client_address: Any) -> None:
         peer = format_address(*client_address[:2])
-        accepted = sock
+        sock: socket.socket | None = None
         try:
-            sock = self._handshake(sock, peer)
+            sock = self._handshake(accepted, peer)
         finally:
             self._handshake_over(accepted)
         if sock is not None:
@@ -1254,6 +1260,7 @@ class Server:
             conn.close()
 
     def _dispatch(self, conn: Connection) -> None:
+        reply: Any
         while True:
             try:
                 msg = conn.recv()

@@ -52,6 +52,8 @@ an idle worker trims freed memory.
 from __future__ import annotations
 
 import argparse
+import functools
+import io
 import logging
 import os
 import queue
@@ -61,7 +63,7 @@ import threading
 import time
 from concurrent.futures import Future as _Future
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 from collections.abc import Callable
 
 from . import wire
@@ -164,7 +166,7 @@ class Worker:
             "identity": lambda conn: {"type": "worker", "address": self.address,
                                       "pid": os.getpid(), "nthreads": self.nthreads},
         }, security=self.security, name="worker")
-        self._stream_ops = {
+        self._stream_ops: dict[str, Callable[..., Any]] = {
             "compute": self._compute,
             "delete_data": self._on_delete_data,
             "cancel_compute": self._on_cancel,
@@ -181,6 +183,7 @@ class Worker:
         wire.warn_if_exposed(host, self.security, "worker")
         self._bind_host = host
         self.make_local_directory()
+        assert self.local_directory is not None  # just made
         tune_allocator()
         try:
             self.server.listen(host, port)
@@ -391,7 +394,7 @@ class Worker:
             return
         item.missing = len(missing)
         for fut in self._fetch_futures(missing):
-            fut.add_done_callback(lambda f, item=item: self._input_arrived(item, f))
+            fut.add_done_callback(functools.partial(self._input_arrived, item))
 
     def _on_delete_data(self, keys: list) -> None:
         for key in keys:
@@ -426,7 +429,8 @@ class Worker:
 
     def _fetch_futures(self, missing: dict) -> list[_Future]:
         """One future per missing input; inputs already in flight are shared."""
-        futures, groups = [], {}
+        futures: list[_Future] = []
+        groups: dict[str | None, list[tuple[Any, list]]] = {}
         with self._fetch_lock:
             for dep, holders in missing.items():
                 fut = self._fetching.get(dep)
@@ -489,6 +493,7 @@ class Worker:
     def _input_arrived(self, item: _TaskItem, fut: _Future) -> None:
         exc = fut.exception()
         if exc is not None:
+            assert isinstance(exc, _InputError)  # the only error a fetch sets
             if item.missing <= 0:
                 return  # already failed for another input
             item.missing = -1
@@ -584,6 +589,7 @@ class Worker:
         """``Client.upload_file``: install a ``.py``, ``.zip`` or ``.egg`` for tasks to import."""
         from .uploads import install
         try:
+            assert self.local_directory is not None  # made by start()
             install(os.path.join(self.local_directory.path, "uploads"), name, bytes(content),
                     self._uploaded)
             return {"status": "OK"}
@@ -598,6 +604,7 @@ class Worker:
         for key in keys:
             cost = self.data.on_disk(key) if budget is not None else 0
             if cost:  # spilled keys beyond the budget: in the next request
+                assert budget is not None  # a cost is counted only against a budget
                 if spent and spent + cost > budget:
                     later.append(key)
                     continue
@@ -702,7 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--nworkers needs the nanny; drop --no-nanny")
     if args.ready_fd is not None:  # under a nanny: forwarded output comes out line by line
         os.set_inheritable(args.ready_fd, False)
-        sys.stdout.reconfigure(line_buffering=True)
+        # The interpreter's own stdout, a text file over the pipe.
+        cast(io.TextIOWrapper, sys.stdout).reconfigure(line_buffering=True)
     security, host = start_process(args)
     worker = Worker(args.center, nthreads=args.nthreads, name=args.name, security=security,
                     contact_address=args.contact_address,
