@@ -566,14 +566,17 @@ def test_a_spilled_value_comes_back_as_itself(tmp_path):
     its worker, gathered by the client, and fetched by a peer; so does one that never
     left memory."""
     pytest.importorskip("pandas")
-    limit = 200 * MB  # spill above 120 MB managed
+    # Spill above 240 MB managed.  A worker that imported pandas needs well over 100 MB
+    # of its own: under a tighter limit it can sit above the pause line (80%) with
+    # nothing left to spill, and then it never runs the test's next tasks.
+    limit = 400 * MB
     expected = [describe(value_of(kind)) for kind in KINDS]
     with LocalCluster(2, memory_limit=limit, local_directory=str(tmp_path)) as cluster, \
             Executor(cluster) as e:
         a, b = [w.address for w in cluster.workers]
         values = [e.submit(value_of, kind, workers=[a]) for kind in KINDS]
         assert [describe(v) for v in e.gather(values)] == expected  # from memory
-        fillers = [e.submit(make, i, workers=[a]) for i in range(16)]  # 168 MB, newer
+        fillers = [e.submit(make, i, workers=[a]) for i in range(32)]  # 336 MB, newer
         concurrent.futures.wait(fillers, timeout=30)
         wait_for(lambda: e.memory()[a]["spilled"] >= 12 * MB + CHUNK,  # some fillers too
                  message="the values spilled (the least recently used)")
