@@ -9,7 +9,8 @@ threads.  The thresholds are fractions of the worker's memory limit
   process RSS  > SPILL (70%)    --> spill LRU keys until RSS < TARGET (or none left)
   process RSS  > PAUSE (80%)    --> start no new task, tell the center
   process RSS  < RESUME (75%)   --> resume (paused); also below PAUSE once nothing is left
-                                    to spill and it has been paused STUCK_RESUME_AFTER (1 s)
+                                    to spill and it has been paused STUCK_RESUME_AFTER (1 s),
+                                    and above it after STUCK_RUN_AFTER (5 s): never stuck
   process RSS  > TERMINATE (95%) --> the nanny kills the worker and starts a new one
 
 The gap between PAUSE and RESUME keeps a worker whose RSS hovers at the
@@ -112,6 +113,15 @@ under ``PAUSE``, so that a worker hovering at the pause line does not flap."""
 STUCK_RESUME_AFTER = 1.0
 """Seconds after which a paused worker with nothing left to spill (or whose spilling fails)
 resumes below ``PAUSE`` even though it is above ``RESUME``: waiting could not free memory."""
+
+STUCK_RUN_AFTER = 5.0
+"""Seconds after which a paused worker still above ``PAUSE`` with nothing left to spill runs
+tasks again: its memory is not results, so waiting could never free it, and a worker that
+never starts another task would hang every job that needs it.  It pauses again only if its
+RSS grows by ``STUCK_GROWTH`` of the limit (or after it dropped below ``RESUME``); the
+nanny still restarts it at ``TERMINATE``."""
+
+STUCK_GROWTH = 0.05
 
 TERMINATE = 0.95
 """Process RSS above this fraction of the limit makes the nanny kill and restart the worker."""
@@ -823,6 +833,7 @@ class MemoryManager:
         self._spill_retry_at = 0.0
         self._task_check_at = 0.0  # when a task thread last read the RSS
         self._paused_at = 0.0
+        self._pause_floor = 0  # RSS above which a worker that ran on while stuck pauses again
         self._pause_lock = threading.Lock()
         if limit:
             data.target = int(limit * TARGET)
@@ -896,15 +907,22 @@ class MemoryManager:
         limit = self.limit
         assert limit is not None  # pausing is managed only under a memory limit
         if not self.paused:
-            return rss > PAUSE * limit
+            if rss < RESUME * limit:
+                self._pause_floor = 0
+            return rss > max(PAUSE * limit, self._pause_floor)
         if rss < RESUME * limit:
             return False
-        return rss >= PAUSE * limit or not self._stuck()
+        if rss < PAUSE * limit:
+            return not self._stuck()
+        if self._stuck(STUCK_RUN_AFTER):
+            self._pause_floor = int(rss + STUCK_GROWTH * limit)
+            return False
+        return True
 
-    def _stuck(self) -> bool:
-        """Paused for ``STUCK_RESUME_AFTER`` with nothing that spilling could free."""
+    def _stuck(self, after: float = STUCK_RESUME_AFTER) -> bool:
+        """Paused for ``after`` seconds with nothing that spilling could free."""
         now = time.monotonic()
-        if now - self._paused_at < STUCK_RESUME_AFTER:
+        if now - self._paused_at < after:
             return False
         return now < self._spill_retry_at or not self.data.spillable()
 
@@ -925,11 +943,18 @@ class MemoryManager:
             if rss < RESUME * limit:
                 logger.warning("resumed: memory use %s is below %.0f%% of the memory limit %s",
                                format_bytes(rss), RESUME * 100, format_bytes(limit))
-            else:
+            elif rss < PAUSE * limit:
                 logger.warning("resumed: memory use %s is below %.0f%% of the memory limit %s "
                                "and nothing is left to spill (managed %s)", format_bytes(rss),
                                PAUSE * 100, format_bytes(limit),
                                format_bytes(self.data.managed))
+            else:
+                logger.warning("running tasks again with memory use %s above %.0f%% of the "
+                               "memory limit %s: for %.0f s nothing was left to spill "
+                               "(managed %s), so waiting cannot free it; most of it is not "
+                               "results (a library's caches, a task's globals?)",
+                               format_bytes(rss), PAUSE * 100, format_bytes(limit),
+                               STUCK_RUN_AFTER, format_bytes(self.data.managed))
         self._last_report_at = 0.0  # say so at once
 
     def _trim(self, rss: int) -> int:

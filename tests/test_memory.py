@@ -665,3 +665,29 @@ def test_a_directory_others_can_enter_or_not_ours_is_refused(tmp_path):
     os.chown(shared, 65534, 65534)
     with pytest.raises(PermissionError, match="uid 65534"):
         check_private(os.stat(shared), str(shared))
+
+
+def hold_unmanaged(fraction: float, limit: int) -> None:
+    """Fill this worker's RSS to ``fraction`` of ``limit`` with memory that is not a result
+    (kept in the interpreter, as a library's cache would be); returns nothing to spill."""
+    missing = int(fraction * limit) - process_rss()
+    if missing > 0:
+        sys.__dict__.setdefault("_test_held", []).append(b"\x01" * missing)
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_paused_with_nothing_to_spill_runs_again():
+    """Above the pause line with nothing left to spill, waiting cannot free memory: after
+    STUCK_RUN_AFTER the worker runs tasks again instead of hanging every job."""
+    limit = 300 * MB
+    with LocalCluster(1, memory_limit=limit) as cluster:
+        client = minidist.Client(cluster, set_as_default=False)
+        try:
+            address = cluster.workers[0].address
+            client.submit(hold_unmanaged, 0.87, limit, pure=False).result(timeout=20)
+            wait_for(lambda: client.memory()[address]["paused"], timeout=10,
+                     message="the worker to pause")
+            assert client.submit(inc, 1).result(timeout=30) == 2
+            assert client.memory()[address]["managed"] < 1 * MB  # none of it was results
+        finally:
+            client.close()
